@@ -1,0 +1,272 @@
+"""Shared plumbing, no algorithm: dataset rows, images, the prompt, JSONL files.
+
+Every script that touches problems imports these helpers, so training, evaluation and
+annotation agree on three things that must never drift apart:
+
+1. the *row schema* of the training data (the authors' released Geometry3K annotations):
+       problem          str, the question; contains one `<image>` placeholder per image
+       answer           str, the gold answer (a number, expression or option text)
+       images           list of images: file paths, {"bytes", "path"} dicts (Hugging Face
+                        `Image` feature, how parquet stores them) or PIL images
+       visual_key_info  str, the visual facts as "<info1>fact</info1>\n<info2>fact</info2>..."
+                        (training only; optional elsewhere)
+2. the *prompt*: problem text + " " + INSTRUCTION, one user turn, images where `<image>` stood;
+3. the *image preprocessing*: resize to Qwen2.5-VL's grid (multiples of 28 px, pixel count in
+   [min_pixels, max_pixels]) once, here, so the Hugging Face processor and vLLM see identical
+   pixels and produce identical image tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+
+# The instruction appended to every problem (our wording of the official prompt's requirements:
+# reasoning inside <think>, final answer inside <answer> with a \boxed{} value, tags on own lines).
+INSTRUCTION = (
+    "First think through the problem step by step, describing what the diagram shows, inside "
+    "<think> </think> tags. Then write the final answer inside <answer> </answer> tags, with the "
+    "final value in \\boxed{}. Put every tag on its own line, like this:\n"
+    "<think>\nreasoning\n</think>\n<answer>\n\\boxed{value}\n</answer>"
+)
+
+# Qwen2.5-VL: 14 px patches merged 2x2 -> one image token per 28x28 pixels.
+IMAGE_FACTOR = 28
+PAPER_MIN_PIXELS = 3_136  # official training script
+PAPER_MAX_PIXELS = 1_806_336  # official training script
+
+REQUIRED_FIELDS = ("problem", "answer", "images")
+
+
+class RowError(ValueError):
+    """A dataset row that cannot be used; the message names the row and the field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int,
+                 factor: int = IMAGE_FACTOR) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, pixel count within [min_pixels, max_pixels],
+    aspect ratio kept as closely as the grid allows (Qwen2-VL's rule, re-derived).
+
+    >>> smart_resize(100, 200, 3136, 1_806_336)
+    (112, 196)
+    """
+    if min(height, width) <= 0:
+        raise ValueError(f"image has a zero side: {height}x{width}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio over 200 is not supported by Qwen2.5-VL: {height}x{width}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def open_image(value: Any, where: str = "image", base_dir: str | os.PathLike | None = None) -> Image.Image:
+    """Open one image given as a PIL image, a path (relative to `base_dir`), or a
+    {"bytes": ..., "path": ...} dict; return it in RGB. Raises RowError naming `where`."""
+    try:
+        if isinstance(value, Image.Image):
+            img = value
+        elif isinstance(value, dict) and value.get("bytes"):
+            img = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            return open_image(value["path"], where, base_dir)
+        elif isinstance(value, (str, os.PathLike)) and str(value):
+            path = Path(value)
+            if not path.is_absolute() and base_dir is not None:
+                path = Path(base_dir) / path
+            if not path.exists():
+                raise RowError(f"{where}: image file not found: {path}")
+            img = Image.open(path)
+        else:
+            raise RowError(f"{where}: no usable image (got {type(value).__name__}: {str(value)[:80]!r})")
+        img.load()
+        return img.convert("RGB")
+    except RowError:
+        raise
+    except Exception as e:  # PIL raises several types for corrupt files
+        raise RowError(f"{where}: image cannot be opened ({type(e).__name__}: {e})") from e
+
+
+def resize_image(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Resize to the Qwen2.5-VL grid (see `smart_resize`). Idempotent."""
+    h, w = smart_resize(img.height, img.width, min_pixels, max_pixels)
+    if (h, w) == (img.height, img.width):
+        return img
+    return img.resize((w, h), Image.Resampling.BICUBIC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+def load_rows(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
+    """Rows from a local .jsonl/.json/.parquet file or a Hugging Face dataset id (+ split).
+
+    Relative image paths in local files are resolved against the file's folder, so a dataset
+    folder can be moved as a whole. Each row gets `_index` (its position) for error messages.
+    """
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"dataset file not found: {path}")
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        elif path.suffix == ".json" and path.read_text()[:1].strip() == "[":
+            rows = json.loads(path.read_text())
+        else:
+            rows = read_jsonl(path)
+        base = path.parent.resolve()
+        for row in rows:
+            if isinstance(row.get("images"), list):
+                row["images"] = [_resolve(img, base) for img in row["images"]]
+    else:  # a Hugging Face dataset id, e.g. hiyouga/geometry3k
+        import datasets
+
+        rows = list(datasets.load_dataset(source, split=split))
+    if limit is not None:
+        rows = rows[:limit]
+    for i, row in enumerate(rows):
+        row["_index"] = i
+    return rows
+
+
+def _resolve(img: Any, base: Path) -> Any:
+    if isinstance(img, str) and img and not os.path.isabs(img):
+        return str(base / img)
+    if isinstance(img, dict) and not img.get("bytes") and img.get("path") and not os.path.isabs(img["path"]):
+        return {**img, "path": str(base / img["path"])}
+    return img
+
+
+def row_name(row: dict, index: int | None = None) -> str:
+    """'row 12 (id=2445)' - how error messages refer to a row."""
+    index = row.get("_index", index)
+    rid = row.get("id", row.get("pid"))
+    return f"row {index}" + (f" (id={rid})" if rid is not None else "")
+
+
+def check_row(row: dict, index: int | None = None, require_facts: bool = False) -> None:
+    """Raise RowError (naming the row and field) unless `row` fits the training schema."""
+    name = row_name(row, index)
+    for field in REQUIRED_FIELDS + (("visual_key_info",) if require_facts else ()):
+        if field not in row or row[field] is None:
+            raise RowError(f"{name}: missing field '{field}'")
+    if not isinstance(row["problem"], str) or not row["problem"].strip():
+        raise RowError(f"{name}: field 'problem' is empty or not a string")
+    if not str(row["answer"]).strip():
+        raise RowError(f"{name}: field 'answer' is empty")
+    images = row["images"]
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise RowError(f"{name}: field 'images' must be a non-empty list")
+    n_placeholders = row["problem"].count(IMAGE_PLACEHOLDER)
+    if n_placeholders not in (0, len(images)):
+        raise RowError(f"{name}: field 'problem' has {n_placeholders} '{IMAGE_PLACEHOLDER}' "
+                       f"placeholders but 'images' has {len(images)} images")
+    if require_facts and not str(row["visual_key_info"]).strip():
+        raise RowError(f"{name}: field 'visual_key_info' is empty")
+
+
+def row_images(row: dict, min_pixels: int, max_pixels: int) -> list[Image.Image]:
+    """Open and resize every image of a row (RowError names the row and image index)."""
+    name = row_name(row)
+    return [resize_image(open_image(img, f"{name}: field 'images'[{k}]"), min_pixels, max_pixels)
+            for k, img in enumerate(row["images"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt (one builder for training, evaluation and annotation)
+# ---------------------------------------------------------------------------------------------
+def build_messages(problem: str, num_images: int = 1, instruction: str | None = INSTRUCTION) -> list[dict]:
+    """One user turn: the problem text with images where `<image>` stood, then the instruction.
+
+    Official recipe: text = problem + " " + instruction, split on `<image>`; a problem without a
+    placeholder gets its images in front (as Geometry3K's "<image>Find x." does).
+    """
+    text = problem if instruction is None else f"{problem} {instruction}"
+    if IMAGE_PLACEHOLDER not in text:
+        text = IMAGE_PLACEHOLDER * num_images + text
+    content: list[dict] = []
+    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k > 0:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece.strip() if k == 0 else piece})
+    return [{"role": "user", "content": content}]
+
+
+def build_prompt(processor_or_tokenizer, problem: str, num_images: int = 1,
+                 instruction: str | None = INSTRUCTION) -> str:
+    """The chat-formatted prompt string (with the generation prefix) for one problem."""
+    return processor_or_tokenizer.apply_chat_template(
+        build_messages(problem, num_images, instruction), tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSONL files that survive a kill
+# ---------------------------------------------------------------------------------------------
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file. A truncated *last* line (the process was killed mid-write) is dropped;
+    a corrupt line anywhere else is an error naming the line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # partial final write: the row will be redone on resume
+                break
+            raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from e
+    return rows
+
+
+def open_for_append(path: str | os.PathLike):
+    """Open a JSONL file for appending after cutting off a partial last line left by a kill
+    (so the next row does not get glued onto it). Creates the file and its folder if missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+def append_jsonl(fh, row: dict) -> None:
+    """Append one row to an open text file and flush it to the OS, so a kill loses nothing."""
+    fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    fh.flush()
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Write rows atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,100 @@
+"""Shared fixtures: one tiny model, one demo dataset and (on demand) one `vllm serve` per session.
+
+vLLM on CPU costs ~20 s per engine start and ~60 s per server start on 2 cores, so everything
+expensive is session-scoped and built in a temporary folder (never downloaded).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# vLLM CPU settings (README "Troubleshooting"): small KV cache, engine in-process.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The real benchmark samples live next to the checkout (../shared/data), not in it.
+SHARED_DATA = Path(os.environ.get("PR1_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint folder (built offline, seed 0)."""
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The demo dataset (train 64 / test 16 rows, JSONL + parquet + PNGs)."""
+    from demo_data import generate
+
+    return generate(tmp_path_factory.mktemp("demo_data"), num_train=64, num_test=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real benchmark slices); tests using it skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real benchmark samples not found at {SHARED_DATA} (set PR1_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir, tmp_path_factory):
+    """A real OpenAI-compatible `vllm serve` (vllm-cpu) on the tiny model, started once.
+
+    Yields a dict: base_url (ending in /v1), model (served name), api_key, log (path).
+    """
+    import httpx
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    api_key = "test-key"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--api-key", api_key,
+           "--enable-prefix-caching"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm server exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"vllm server not healthy after 300 s; log:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"base_url": f"{url}/v1", "model": "tiny", "api_key": api_key, "log": log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
