@@ -65,8 +65,8 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int,
         raise ValueError(f"image has a zero side: {height}x{width}")
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio over 200 is not supported by Qwen2.5-VL: {height}x{width}")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)
