@@ -124,11 +124,16 @@ class Args:
     judge_backend: Literal["openai", "vllm", "lexical", "none"] = "none"
     """backend for the perception score r_v (judge.build_judge); none = skip r_v; lexical works offline"""
     judge_base_url: str = "http://127.0.0.1:8000/v1"
-    """OpenAI-compatible judge server for --scoring llm (e.g. `vllm serve Qwen/Qwen2.5-72B-Instruct`)"""
+    """OpenAI-compatible server (ending in /v1) for --scoring llm and for --judge_backend openai
+    (start it with e.g. `vllm serve Qwen/Qwen2.5-72B-Instruct`)"""
     judge_model: str = "Qwen/Qwen2.5-72B-Instruct"
-    """judge model name for --scoring llm (the paper's answer judge: Qwen2.5-72B)"""
-    judge_api_key: str = "EMPTY"
-    """API key for the judge server"""
+    """served model name for --scoring llm (the paper's answer judge: Qwen2.5-72B)"""
+    perception_judge_model: str = "Qwen/Qwen2.5-32B-Instruct-AWQ"
+    """judge model for r_v (openai: served name; vllm: folder or hub id). Paper: Qwen2.5-32B-Instruct-AWQ"""
+    judge_api_key_env: str = "JUDGE_API_KEY"
+    """NAME of the environment variable holding the judge server's API key (unset -> "EMPTY")"""
+    judge_max_tokens: int = 512
+    """max new tokens per judge reply (paper's judge: 512)"""
 
 
 @dataclasses.dataclass
@@ -322,6 +327,8 @@ def load_benchmark(name: str, source: Optional[str] = None, limit: Optional[int]
 def sample_images(s: Sample, min_pixels: int, max_pixels: int) -> list:
     """Open and resize a sample's images (raises data.RowError naming the sample)."""
     where = f"{s.benchmark} id={s.id}"
+    if not s.images and s.meta.get("problem_version") == "Text Only":
+        return []  # MathVerse's text-only version: the whole problem is in the text, no picture
     if not s.images:
         raise data.RowError(f"{where}: no image in the row")
     return [data.resize_image(data.open_image(img, f"{where}: image {k}", s.base_dir), min_pixels, max_pixels)
@@ -373,7 +380,7 @@ def generate(args: Args, samples: list[Sample], out_path: Path) -> dict[str, int
                 # ALGO: the training prompt format, so the evaluated model sees what it was trained on
                 prompt = data.build_prompt(processor, s.problem, len(images))
                 batch.append((s, prompt))
-                inputs.append({"prompt": prompt, "multi_modal_data": {"image": images}})
+                inputs.append({"prompt": prompt, **({"multi_modal_data": {"image": images}} if images else {})})
             if inputs:
                 outputs = llm.generate(inputs, params, use_tqdm=False)
                 for (s, prompt), out in zip(batch, outputs):
@@ -588,12 +595,25 @@ def llm_score(args: Args, samples: list[Sample], responses: list[str]) -> list[t
     judge = _import_judge()
     if not hasattr(judge, "ChatClient"):
         raise RuntimeError("judge.py has no ChatClient; cannot run --scoring llm")
-    client = judge.ChatClient(base_url=args.judge_base_url, model=args.judge_model, api_key=args.judge_api_key)
-    gold = [s.answer if not s.choices else f"{s.answer} ({_choices_text(s.choices)})" for s in samples]
-    extracted = client.complete([LLM_EXTRACT_PROMPT.format(problem=s.problem, response=r)
-                                 for s, r in zip(samples, responses)])
-    verdicts = client.complete([LLM_JUDGE_PROMPT.format(problem=s.problem, gold=g, answer=e or "")
-                                for s, g, e in zip(samples, gold, extracted)])
+    client = judge.ChatClient([args.judge_base_url], args.judge_model, api_key_env=args.judge_api_key_env)
+    sampling = {"temperature": 0.0, "max_tokens": args.judge_max_tokens}
+
+    def ask(prompts: list[str]) -> list[Optional[str]]:
+        # run_batch gives the text or the Exception per request; a failed request becomes None
+        # (no verdict, counted in the summary), never a silent "wrong"
+        replies = client.run_batch([[{"role": "user", "content": p}] for p in prompts], **sampling)
+        for r in replies:
+            if isinstance(r, Exception):
+                print(f"judge request failed: {type(r).__name__}: {r}", file=sys.stderr)
+        return [None if isinstance(r, Exception) else r for r in replies]
+
+    gold = [s.answer if not s.choices else f"{s.answer}\n{_choices_text(s.choices)}" for s in samples]
+    extracted = ask([LLM_EXTRACT_PROMPT.format(problem=s.problem, response=r) for s, r in zip(samples, responses)])
+    todo = [k for k, e in enumerate(extracted) if e is not None]
+    verdicts: list[Optional[str]] = [None] * len(samples)
+    for k, v in zip(todo, ask([LLM_JUDGE_PROMPT.format(problem=samples[k].problem, gold=gold[k],
+                                                       answer=extracted[k].strip()) for k in todo])):
+        verdicts[k] = v
     out = []
     for e, v in zip(extracted, verdicts):
         v = (v or "").strip().lower()
@@ -612,7 +632,10 @@ def perception_scores(args: Args, samples: list[Sample], responses: list[str]) -
     if not idx or args.judge_backend == "none":
         return out
     judge = _import_judge()
-    scorer = judge.build_judge(judge.JudgeArgs(backend=args.judge_backend))
+    scorer = judge.build_judge(judge.JudgeArgs(
+        backend=args.judge_backend, base_urls=(args.judge_base_url,), model=args.perception_judge_model,
+        api_key_env=args.judge_api_key_env, max_tokens=args.judge_max_tokens,
+        vllm_dtype=args.dtype, vllm_enforce_eager=args.enforce_eager))
     scores = scorer.score([samples[k].visual_key_info for k in idx], [responses[k] for k in idx])
     for k, r in zip(idx, scores):
         out[k] = None if r is None else float(r)
