@@ -1,4 +1,4 @@
-"""Benchmark evaluation for Perception-R1: generate with vLLM, score answers, score perception,
+r"""Benchmark evaluation for Perception-R1: generate with vLLM, score answers, score perception,
 compare two runs with McNemar's exact test.
 
 What it does
@@ -39,8 +39,9 @@ Deviations from the paper
     4. A failed judge verdict (None) is excluded from means and counted, never scored as 0.
 
 Launch
-    CPU tiny run:  python evaluate.py eval --model tiny_model --benchmarks local \
-                       --data local=demo_data/test.jsonl --limit 8 --output_dir runs/tiny
+    CPU tiny run:  VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 python evaluate.py eval \
+                       --model tiny_model --benchmarks demo --data demo=demo_data/test.jsonl --limit 8 \
+                       --dtype float32 --enforce_eager --max_model_len 4096 --output_dir runs/tiny
     1 GPU:         python evaluate.py eval --model ckpt/ --output_dir runs/pr1
     N GPUs:        python evaluate.py eval --model ckpt/ --tensor_parallel_size 4 --output_dir runs/pr1
     Re-score:      python evaluate.py score --benchmark mathvista --data testmini.jsonl \
@@ -134,6 +135,18 @@ class Args:
     """NAME of the environment variable holding the judge server's API key (unset -> "EMPTY")"""
     judge_max_tokens: int = 512
     """max new tokens per judge reply (paper's judge: 512)"""
+
+    def __post_init__(self):
+        # fail loudly on settings that would otherwise fail late (after the engine started)
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.tensor_parallel_size < 1:
+            raise ValueError("batch_size, max_new_tokens and tensor_parallel_size must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        for item in self.data:
+            if "=" not in item:
+                raise ValueError(f"--data takes NAME=SOURCE, got {item!r}")
 
 
 @dataclasses.dataclass
@@ -658,7 +671,8 @@ def summarize(rows: list[dict], skipped: Optional[dict] = None) -> dict:
     """Per benchmark: n, accuracy (rule / llm), mean r_v (over annotated rows with a verdict) and
     breakdowns by the benchmark's categories."""
     summary: dict = {}
-    for bench in sorted({r["benchmark"] for r in rows}):
+    # a benchmark whose rows were all skipped (no images) still gets an entry with n = 0
+    for bench in sorted({r["benchmark"] for r in rows} | set(k for k, v in (skipped or {}).items() if v)):
         rs = [r for r in rows if r["benchmark"] == bench]
         entry: dict = {"n": len(rs), "accuracy": _mean([r.get("correct") for r in rs])}
         if any("correct_llm" in r for r in rs):
@@ -853,7 +867,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
     if argv and argv[0] in commands:
         cmd, argv = argv[0], argv[1:]
     elif argv and argv[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[0] + "\n\nsubcommands: eval (default), score, compare; "
+        print(__doc__ + "\nsubcommands: eval (default), score, compare; "
               "`evaluate.py SUBCOMMAND --help` lists every option.")
         return None
     else:

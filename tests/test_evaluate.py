@@ -232,7 +232,8 @@ def test_summary_report_breakdowns():
     rows = [{"benchmark": "mathvista", "id": "1", "correct": True, "r_v": None, "meta": {"task": "geo", "skills": ["a", "b"]}},
             {"benchmark": "mathvista", "id": "2", "correct": False, "r_v": 0.5, "meta": {"task": "geo", "skills": ["a"]}},
             {"benchmark": "mathvision", "id": "3", "correct": True, "r_v": None, "meta": {"subject": "s", "level": 2}}]
-    summary = ev.summarize(rows, {"mathvista": 7})
+    summary = ev.summarize(rows, {"mathvista": 7, "wemath": 3})
+    assert summary["wemath"] == {"n": 0, "accuracy": None, "r_v": None, "r_v_n": 0, "skipped_no_image": 3}
     assert summary["mathvista"]["accuracy"] == 0.5 and summary["mathvista"]["skipped_no_image"] == 7
     assert summary["mathvista"]["by_skills"]["a"] == {"n": 2, "accuracy": 0.5}
     assert summary["mathvista"]["r_v"] == 0.5 and summary["mathvista"]["r_v_n"] == 1
