@@ -20,7 +20,8 @@ Code map (section -> paper -> function)
     2. parsing                -> r_v = mean_k v_k over usable verdicts
                                  -> split_annotations, parse_judgement, visual_reward
     3. chat client            -> OpenAI API, temperature 0, max 512 new tokens
-                                 -> ChatClient (async, retries, load balancing), JudgeError
+                                 -> ChatClient (async, retries, load balancing), JudgeError,
+                                    ChatHTTPError, MalformedReply
     4. backends               -> Judge (openai), VLLMJudge (offline), LexicalJudge (no LLM),
                                  build_judge, lexical_verdicts
     5. CLI                    -> run_file (judge a JSONL file, resumable), calibrate
@@ -42,6 +43,8 @@ Deviations from the paper / official code
        temperature 0; saves requests when a group repeats a response).
     5. The rubric and its three worked examples are our own words, not the official prompt.
     6. `lexical` backend (no LLM, deterministic) is ours: a cheap baseline for the CPU demo.
+    7. Ours too: timeouts, retries with backoff, several judge servers load-balanced, and a
+       start-up health check (the official client has none of these).
 
 Launch
     # judge a file with the deterministic baseline (CPU, no server)
@@ -50,6 +53,8 @@ Launch
     JUDGE_API_KEY=... python judge.py --input rollouts.jsonl --output judged.jsonl \\
         --judge.base-urls http://judge1:8000/v1 http://judge2:8000/v1 \\
         --judge.model Qwen/Qwen2.5-32B-Instruct-AWQ
+    # offline engine in this process (on CPU add: --judge.vllm-dtype float32 --judge.vllm-enforce-eager)
+    python judge.py --input rollouts.jsonl --output judged.jsonl --judge.backend vllm --judge.model MODEL_DIR
     # how good is the judge? (rows with visual_key_info, response, labels=[1,0,...])
     python judge.py calibrate --input labelled.jsonl --judge.backend lexical
 """
@@ -425,7 +430,9 @@ class ChatClient:
             self.counts[key] += n
 
     async def chat(self, messages: list[dict], **sampling: Any) -> str:
-        """Send one chat request; return the reply text. Raises the last error after retries."""
+        """Send one chat request; return the reply text. Raises the last error after retries
+        (ChatHTTPError, MalformedReply, openai.APIConnectionError, asyncio.TimeoutError).
+        Callers running their own loop should `await client.aclose()` when done with it."""
         st = self._state()
         self._count("requests")
         t0 = time.perf_counter()
@@ -702,7 +709,8 @@ class RunArgs:
     """JSONL file of rows with the facts and the response"""
     output: str
     """JSONL file to append to; rows already there (by `index`, the input row position, 0-based,
-    blank lines skipped) are not judged again, so a killed run resumes"""
+    blank lines skipped) are not judged again, so a killed run resumes. Rows that failed are written
+    with judge_reward null and judge_error set; delete those lines to have them judged again"""
     judge: JudgeArgs = dataclasses.field(default_factory=JudgeArgs)
     facts_field: str = "visual_key_info"
     """input field holding the facts string "<info1>...</info1>..." """
@@ -780,8 +788,10 @@ def calibrate(args: CalibrateArgs) -> dict[str, float]:
                              f"{len(f)} 0/1 labels (one per fact), got {lab!r}")
         perm = list(range(len(f)))
         rng.shuffle(perm)
-        facts.append(f), resps.append(_row_text(row, args.response_field, f"{args.input} row {i}"))
-        labels.append([int(x) for x in lab]), perms.append(perm)
+        facts.append(f)
+        resps.append(_row_text(row, args.response_field, f"{args.input} row {i}"))
+        labels.append([int(x) for x in lab])
+        perms.append(perm)
 
     def as_info(fs):
         return "\n".join(f"<info{k}>{x}</info{k}>" for k, x in enumerate(fs, 1))
