@@ -435,8 +435,8 @@ class ChatClient:
         Callers running their own loop should `await client.aclose()` when done with it."""
         st = self._state()
         self._count("requests")
-        t0 = time.perf_counter()
         async with st["sem"]:
+            t0 = time.perf_counter()  # latency = first attempt to answer, retries included, queueing not
             for attempt in range(self.max_retries + 1):
                 i = self._pick_url()
                 self._count("attempts")
@@ -481,7 +481,15 @@ class ChatClient:
         request, in input order. Safe from any thread without a running loop (it makes its own)."""
         if not batch:
             return []
-        return asyncio.run(self._gather(batch, sampling, on_done))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: no loop in this thread
+            return asyncio.run(self._gather(batch, sampling, on_done))
+        # called from inside a running loop (a notebook, an async caller): run ours in a helper thread
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, self._gather(batch, sampling, on_done)).result()
 
     def health_check(self, timeout_s: float = 10.0) -> None:
         """Fail fast (JudgeError naming the URL) unless every server lists `self.model`."""

@@ -265,6 +265,11 @@ def test_load_balancing_and_worker_threads(fault_server):
     assert sorted(fault_server.by_port) == sorted(fault_server.ports)
     assert min(fault_server.by_port.values()) >= 10
 
+    async def from_a_running_loop():  # e.g. a notebook cell
+        return judge.score([FACTS3], ["MODE:ok inside a loop"])
+
+    assert asyncio.run(from_a_running_loop()) == [1.0]
+
 
 def test_chat_client_run_batch_reusable(fault_server):
     client = ChatClient(fault_server.urls(), "fake", max_retries=0, timeout_s=5)
