@@ -826,6 +826,13 @@ def score_main(args: ScoreArgs) -> list[dict]:
         per_model[row.get("model", "all")].append(row["correct"])
     for model, xs in sorted(per_model.items(), key=lambda kv: -_mean(kv[1])):
         print(f"{model:40s} n={len(xs):4d} accuracy={_pct(_mean(xs))}%")
+    # MathVista's released responses carry the authors' own (GPT-4) `extraction`: scoring it with
+    # our normaliser and comparing verdicts measures how far our rule-based extraction drifts
+    with_ext = [(row, by_id[str(row.get(id_field, row.get("id")))]) for row in out if row.get("extraction") is not None]
+    if with_ext:
+        agree = sum(score_answer(str(r["extraction"]), s) == r["correct"] for r, s in with_ext)
+        print(f"verdict agreement with the provided `extraction`: {agree}/{len(with_ext)} "
+              f"= {_pct(agree / len(with_ext))}%")
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import types
 from pathlib import Path
@@ -167,7 +168,9 @@ def test_score_published_mathvista_responses(shared_data, tmp_path, capsys):
     agree = sum(ev.score_answer(str(r["extraction"] or ""), samples[r["pid"]]) == r["correct"] for r in rows)
     assert agree / len(rows) >= 0.85, agree / len(rows)
     printed = capsys.readouterr().out
-    assert "gpt4" in printed and "accuracy=" in printed and len(printed.strip().splitlines()) == 23
+    assert "gpt4" in printed and "accuracy=" in printed and len(printed.strip().splitlines()) == 23 + 1
+    m = re.search(r"agreement with the provided `extraction`: (\d+)/(\d+)", printed)
+    assert m and int(m.group(1)) / int(m.group(2)) >= 0.85
 
 
 def test_score_published_mathvision_responses(shared_data, tmp_path):
