@@ -49,8 +49,9 @@ def test_format_reward(response, expected):
     (GOOD.replace("{8}", "{9}"), "8", 0.0),
     (GOOD.replace("{8}", "{8.0}"), "8", 1.0),
     ("<think>\nx\n</think>\n<answer>\n\\boxed{\\frac{1}{2}}\n</answer>", "0.5", 1.0),
-    ("<think>\nx\n</think>\n<answer>\n\\boxed{4\\sqrt{2}}\n</answer>", "4*{2^0.5}", 0.0),  # not LaTeX gold
-    ("<think>\nx\n</think>\n<answer>\n\\boxed{4\\sqrt{2}}\n</answer>", "4\\sqrt{2}", 1.0),
+    # math-verify reads LaTeX gold only inside $...$ or \boxed (official: parse(gold) as stored)
+    ("<think>\nx\n</think>\n<answer>\n\\boxed{4\\sqrt{2}}\n</answer>", "$4\\sqrt{2}$", 1.0),
+    ("<think>\nx\n</think>\n<answer>\n\\boxed{4\\sqrt{2}}\n</answer>", "4\\sqrt{2}", 0.0),
     ("the answer is <answer>8</answer>", "8", 1.0),  # one-line block: the official regex matches
     ("no answer at all", "8", 0.0),
     ("", "8", 0.0),
@@ -131,12 +132,12 @@ def test_group_advantages_vs_naive():
 
 def naive_policy_loss(logps, old, adv, mask, el, eh, c, agg):
     per_seq, total, count = [], 0.0, 0.0
-    for i in range(logps.shape[0]):
+    for i in range(len(logps)):
         s, n = 0.0, 0.0
-        for t in range(logps.shape[1]):
-            if mask[i, t] == 0:
+        for t in range(len(logps[0])):
+            if mask[i][t] == 0:
                 continue
-            r = math.exp(logps[i, t] - old[i, t])
+            r = math.exp(logps[i][t] - old[i][t])
             a = adv[i]
             loss = max(-a * r, -a * min(max(r, 1 - el), 1 + eh))
             if a < 0:
@@ -171,7 +172,7 @@ def test_policy_loss_gradient_is_advantage_weighted_at_ratio_one():
     mask = torch.ones(2, 2)
     loss, _ = T.policy_loss(logps, logps.detach(), adv, mask)
     loss.backward()
-    assert logps.grad.tolist() == pytest.approx([[-0.5, -0.5], [0.25, 0.25]])
+    assert torch.allclose(logps.grad, torch.tensor([[-0.5, -0.5], [0.25, 0.25]]))
 
 
 def test_k3_kl_vs_naive():
@@ -180,8 +181,9 @@ def test_k3_kl_vs_naive():
     k3 = T.k3_kl(logp, ref)
     for i in range(3):
         for t in range(5):
-            d = ref[i, t].item() - logp[i, t].item()
-            assert k3[i, t].item() == pytest.approx(math.exp(d) - d - 1, rel=1e-5)
+            d = max(min(ref[i, t].item() - logp[i, t].item(), 20.0), -20.0)
+            expected = min(math.exp(d) - d - 1, 10.0)  # EasyR1's "low_var_kl" clamps to 10
+            assert k3[i, t].item() == pytest.approx(expected, rel=1e-5)
     assert (k3 >= 0).all() and T.k3_kl(logp, logp).abs().max() == 0
 
 
@@ -392,9 +394,11 @@ def test_bad_row_fails_before_training_naming_the_row(tiny_model_dir, demo_dir, 
 
 def test_help_documents_every_option():
     out = run([sys.executable, str(ROOT / "train_grpo.py"), "--help"], timeout=120)
+    text = out.stdout.replace("_", "-")
     for opt in ("--group-size", "--clip-eps-high", "--dual-clip", "--kl-coef", "--w-vis", "--judge.backend",
-                "--resume", "official: 0.3", "official: 3.0"):
-        assert opt in out.stdout.replace("_", "-") or opt in out.stdout, opt
+                "--resume", "--micro-batch-size", "--vllm-sleep"):
+        assert opt in text, opt
+    assert text.count("official") >= 15  # defaults cite the official script
 
 
 # ---------------------------------------------------------------------------------------------
