@@ -406,23 +406,22 @@ def test_help_documents_every_option():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_learning_mean_reward_rises(demo_dir, tmp_path):
+    """A warm-started tiny model writes the <think>/<answer> layout about a quarter of the time;
+    GRPO on the format reward alone (w_fmt=1, the others 0) must raise it clearly within two
+    dozen steps. (Measured here: ~0.25 in the first third -> ~0.6 in the last third.)"""
     from tiny_model import build_tiny_model, warm_start
 
     model = build_tiny_model(tmp_path / "warm", seed=0)
-    warm_start(model, demo_dir / "train.jsonl", steps=WARM_STEPS, lr=3e-3, max_pixels=50_176)
+    warm_start(model, demo_dir / "train.jsonl", steps=150, lr=3e-3, max_pixels=50_176)
     out = tmp_path / "learn"
-    cmd = tiny_run_args(model, demo_dir, out, steps=LEARN_STEPS,
-                        extra=["--sample_every", "0", "--save_every", "0"])
+    cmd = tiny_run_args(model, demo_dir, out, steps=24,
+                        extra=["--sample_every", "0", "--save_every", "0", "--w_acc", "0", "--w_vis", "0",
+                               "--w_fmt", "1"])
     for flag, value in (("--prompts_per_step", "8"), ("--group_size", "8"), ("--max_response_length", "96"),
-                        ("--learning_rate", LEARN_LR), ("--micro_batch_size", "16")):
+                        ("--learning_rate", "2e-4"), ("--micro_batch_size", "16")):
         cmd[cmd.index(flag) + 1] = value
     run(cmd, timeout=900)
     rewards = [r["reward/total"] for r in metrics(out)]
-    k = len(rewards) // 3
-    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
-    assert last > first + 0.05, rewards
-
-
-WARM_STEPS = 150
-LEARN_STEPS = 15
-LEARN_LR = "5e-4"
+    assert rewards == [r["reward/format"] for r in metrics(out)]
+    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
+    assert last > first + 0.15, rewards
