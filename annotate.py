@@ -50,6 +50,11 @@ Deviations from the paper
     5. Token counts in the progress bar come from the server's `usage` field when it sends one
        (read by hooking the shared judge.ChatClient's HTTP client; a hack, see UsageChatClient),
        else the bar counts reply characters.
+    6. Not a deviation but a caveat: the filter is the training scorer, so a gold answer that
+       math-verify cannot parse (bare LaTeX such as Geometry3K's "5 \sqrt { 3 }") makes every
+       solution score 0 and the problem is dropped, as training would never reward it anyway.
+       Such problems are flagged (`gold_parsable: false` in filter.jsonl) and counted
+       (`filter/gold_unparsable` in summary.json) so the loss is visible.
 
 Launch
     # CPU smoke test against any local OpenAI-compatible server (e.g. the tests' fake server):
@@ -69,7 +74,9 @@ Launch
     python annotate.py extract --output-dir data/pr1_geo3k --extract-base-urls ... --extract-model ...
     # a local file with one `image` column and an `id` column:
     python annotate.py all --input ../shared/data/geometry3k/geometry3k_slice.jsonl --image-field image ...
-    # then train on it: python train_grpo.py --data data/pr1_geo3k/train.parquet ...
+    # the extractor on GPUs (paper: Qwen2.5-32B-Instruct), one server per node, then --extract-base-urls:
+    vllm serve Qwen/Qwen2.5-32B-Instruct --tensor-parallel-size 4 --enable-prefix-caching
+    # then train on it: the output folder's train.parquet (or train.jsonl) is the training data file
 """
 
 from __future__ import annotations
@@ -284,6 +291,14 @@ def load_problems(args: Args) -> list[dict]:
     for row in rows:
         rid = row.get(args.id_field)
         row["_key"] = str(rid) if rid is not None and str(rid) != "" else f"#{row['_index']}"
+    # Two rows with one key would overwrite each other's images and one would be skipped as done.
+    seen: dict[str, int] = {}
+    for row in rows:
+        if row["_key"] in seen:
+            raise ValueError(f"{args.input}: rows {seen[row['_key']]} and {row['_index']} share the id "
+                             f"{row['_key']!r} in column '{args.id_field}'; pass --id-field '' to key "
+                             f"rows by position instead")
+        seen[row["_key"]] = row["_index"]
     return rows
 
 
@@ -450,18 +465,22 @@ def run_filter(args: Args) -> dict:
             scores, best = choose_solution(
                 rec["solutions"], rec["answer"],
                 lambda r, a: accuracy_reward(r, a, answer_dotall=args.answer_dotall))
+            # a gold answer that cannot even match itself means the scorer cannot read it (caveat 6)
+            gold_parsable = accuracy_reward(f"\\boxed{{{rec['answer']}}}", rec["answer"]) == 1.0
             out = {k: rec[k] for k in ("key", "index", "id", "problem", "answer", "images",
                                        "distil_model", "distil_at")}
             data.append_jsonl(fh, {**out, "status": "ok", "kept": best is not None, "scores": scores,
+                                   "gold_parsable": gold_parsable,
                                    "solution": None if best is None else rec["solutions"][best],
                                    "filter_at": now()})
             bar.update()
     bar.close()
     recs = [r for r in latest_records(path).values() if r["status"] == "ok"]
     kept = sum(r["kept"] for r in recs)
+    unparsable = sum(not r.get("gold_parsable", True) for r in recs)
     print(f"filter: kept {kept} of {len(recs)} problems with a correct solution "
-          f"(paper: 1,442 of 2,101)", flush=True)
-    return {"filter/total": len(recs), "filter/kept": kept}
+          f"(paper: 1,442 of 2,101); {unparsable} gold answers the scorer cannot parse", flush=True)
+    return {"filter/total": len(recs), "filter/kept": kept, "filter/gold_unparsable": unparsable}
 
 
 # =============================================================================================

@@ -172,6 +172,37 @@ def test_normalise_facts():
     assert annotate.format_facts(["x", "y"]) == "<info1>x</info1>\n<info2>y</info2>"
 
 
+def test_help_explains_every_option(capsys):
+    import dataclasses
+
+    with pytest.raises(SystemExit) as e:
+        annotate.main(["all", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(annotate.Args):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    with pytest.raises(SystemExit):
+        annotate.main(["nonsense"])
+
+
+def test_parquet_input_with_image_bytes_and_duplicate_ids(demo_dir, tmp_path):
+    """Parquet stores images as {"bytes", "path"}; they are saved as PNG files next to the output."""
+    rows = data.load_rows(str(demo_dir / "train.parquet"), limit=3)
+    with FakeServer() as srv:
+        args = args_for(srv, input=str(demo_dir / "train.parquet"), limit=3, output_dir=str(tmp_path))
+        for r in rows:
+            img = data.resize_image(data.open_image(r["images"][0]), args.min_pixels, args.max_pixels)
+            srv.distil[hashlib.sha256(annotate.image_data_url(img).encode()).hexdigest()] = [r["solution"]]
+        assert annotate.run_distil(args)["distil/ok"] == 3
+    for rec in data.read_jsonl(tmp_path / "distil.jsonl"):
+        assert rec["images"] == [f"images/{rec['key']}_0.png"] and (tmp_path / rec["images"][0]).exists()
+    dup = tmp_path / "dup.jsonl"
+    data.write_jsonl(dup, [{"id": 1, "problem": "p", "answer": "1", "images": []}] * 2)
+    with pytest.raises(ValueError, match="share the id"):
+        annotate.load_problems(annotate.Args(input=str(dup)))
+    assert [r["_key"] for r in annotate.load_problems(annotate.Args(input=str(dup), id_field=""))] == ["#0", "#1"]
+
+
 def test_pipeline_demo_end_to_end(demo_dir, tmp_path):
     rows = data.read_jsonl(demo_dir / "train.jsonl")[:15]
     # Bad rows, each must become an error record naming the row: missing image file, corrupt
@@ -258,6 +289,8 @@ def test_pipeline_geometry3k_slice_cli(shared_data, tmp_path):
                                  "--max-retries", "0"])
     assert len(kept) >= 4 and str(rows[2]["id"]) not in kept
     assert summary["filter/kept"] == len(kept) and summary["filter/total"] == 6 and summary["errors"] == 0
+    unparsable = {r["key"] for r in data.read_jsonl(out_dir / "filter.jsonl") if not r["gold_parsable"]}
+    assert summary["filter/gold_unparsable"] == len(unparsable) and "15" in unparsable  # "5 \\sqrt { 3 }"
     out = check_export(out_dir, kept)
     assert all(r["problem"].startswith("<image>") for r in out)
     assert summary["distil/prompt_tokens"] > 0  # the server's usage counts were picked up
