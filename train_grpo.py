@@ -461,11 +461,20 @@ def collate(samples: list[dict], pad_id: int) -> dict:
 
 
 def forward_logps(model, mb: dict, with_entropy: bool = False):
-    """Token log-probs of the completion tokens of a collated micro-batch: (N, C)."""
+    """Token log-probs of the completion tokens of a collated micro-batch: (N, C).
+
+    The model is asked only for the logits of the last `keep` positions (`logits_to_keep`),
+    those that predict completion tokens: for a 7B model with V = 152k, full (N, T, V) logits
+    of 8k-token sequences would take ~10 GB per micro-batch of 4.
+    """
+    T = mb["input_ids"].shape[1]
+    first = int(mb["positions"][mb["completion_mask"] > 0].min()) if mb["completion_mask"].any() else T - 1
+    keep = T - first
     out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"], use_cache=False)
-    logits = out.logits  # (N, T, V)
-    idx = mb["positions"].unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+                pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"], use_cache=False,
+                logits_to_keep=keep)
+    logits = out.logits  # (N, keep, V), position p of the sequence is row p - first
+    idx = (mb["positions"] - first).clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     completion_logits = logits.gather(1, idx)  # (N, C, V): only the positions we score
     return token_logps(completion_logits, mb["completion_ids"], with_entropy)
 
@@ -737,8 +746,6 @@ def main(args: Args) -> None:
         prompts = [data.build_prompt(processor, r["problem"], len(im)) for r, im in zip(local_rows, local_images)]
 
         # 2) rollouts: G responses per prompt, groups contiguous ---------------------------------
-        if args.vllm_sleep:
-            llm.wake_up()  # PLUMBING
         completion_ids = generate_rollouts(llm, prompts, local_images, args, step, rank, forbidden_ids)
         if args.vllm_sleep:
             llm.sleep(level=1)  # PLUMBING: free KV cache and weights for the update phase
@@ -782,6 +789,8 @@ def main(args: Args) -> None:
         t_train = time.time() - t0 - t_gen - t_reward
 
         # 6) new weights into vLLM -------------------------------------------------------------------
+        if args.vllm_sleep:
+            llm.wake_up()  # PLUMBING: weights back on the GPU before they are overwritten
         sync_weights_to_vllm(accelerator, model, llm)  # PLUMBING
 
         # 7) logging: every metric is averaged over processes (accelerator.reduce, mean) -------------

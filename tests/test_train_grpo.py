@@ -443,3 +443,20 @@ def test_accelerate_launch_two_processes(tiny_model_dir, demo_dir, tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]  # one log line per step: only rank 0 writes
     assert (out / "checkpoint-2" / "policy" / "model.safetensors").exists()
+
+
+def test_forward_logps_equals_a_full_log_softmax(tiny_model_dir, demo_dir):
+    from transformers import AutoModelForImageTextToText
+
+    samples, pad = _fake_samples(tiny_model_dir, demo_dir)
+    samples[1]["prompt_ids"] = samples[1]["prompt_ids"][:-3] + samples[1]["prompt_ids"][-2:]  # shorter prompt
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    mb = T.collate(samples, pad)
+    with torch.no_grad():
+        logps = T.forward_logps(model, mb)
+        full = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], pixel_values=mb["pixel_values"],
+                     image_grid_thw=mb["image_grid_thw"]).logits.log_softmax(-1)
+    for i, s in enumerate(samples):
+        P = len(s["prompt_ids"])
+        for t, tok in enumerate(s["completion_ids"]):
+            assert logps[i, t].item() == pytest.approx(full[i, P - 1 + t, tok].item(), abs=1e-4)
