@@ -41,7 +41,7 @@ $(STAMP): requirements-cpu.txt requirements-common.txt Makefile
 demo: install demo_data/train.jsonl tiny_model/tiny_model.json
 	$(PY) train_grpo.py --model tiny_model --dataset demo_data/train.jsonl --dtype float32 \
 	    --max_pixels 50176 --max_prompt_length 1024 --max_response_length 96 \
-	    --prompts_per_step 8 --group_size 8 --micro_batch_size 16 --max_steps 40 \
+	    --prompts_per_step 16 --group_size 8 --micro_batch_size 32 --max_steps 40 \
 	    --learning_rate 2e-4 --warmup_ratio 0 --judge.backend lexical \
 	    --sample_every 10 --save_every 20 --output_dir runs/demo
 

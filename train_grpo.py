@@ -101,7 +101,8 @@ class Args:
     max_response_length: int = 4096
     """tokens generated per response at most (official: 4,096)"""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """parameter dtype for the policy and vLLM (paper: bf16; CPU runs use float32)"""
+    """vLLM rollout dtype (paper: bf16; CPU runs use float32). The policy itself keeps float32
+    master weights; its bf16 compute comes from accelerate's mixed_precision (configs/)"""
 
     # --- GRPO ---
     group_size: int = 8
@@ -111,7 +112,7 @@ class Args:
     epochs: int = 25
     """passes over the dataset (official: 25 -> about 275 steps on 1,442 problems)"""
     max_steps: int | None = None
-    """stop after this many optimizer steps (None: epochs * steps per epoch)"""
+    """stop after this many rollout steps, each = ppo_epochs optimizer steps (None: epochs * steps per epoch)"""
     temperature: float = 1.0
     """sampling temperature for rollouts (official: 1.0)"""
     top_p: float = 1.0
@@ -424,7 +425,8 @@ def generate_rollouts(llm, prompts: list[str], images: list[list], args: Args, s
         params.append(SamplingParams(
             n=args.group_size, temperature=args.temperature, top_p=args.top_p,
             max_tokens=args.max_response_length,
-            seed=(args.seed * 1_000_003 + step * 10_007 + rank * 101 + i) % (2**31),
+            # vLLM seeds sample g of a request with seed + g: space the prompts G apart
+            seed=(args.seed * 1_000_003 + step * 100_003 + (rank * 10_007 + i) * args.group_size) % (2**31),
             logit_bias={t: -100.0 for t in forbidden_ids},  # never sample vision special tokens
         ))
     outputs = llm.generate(requests, params, use_tqdm=False)
@@ -474,9 +476,15 @@ def forward_logps(model, mb: dict, with_entropy: bool = False):
                 pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"], use_cache=False,
                 logits_to_keep=keep)
     logits = out.logits  # (N, keep, V), position p of the sequence is row p - first
-    idx = (mb["positions"] - first).clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    completion_logits = logits.gather(1, idx)  # (N, C, V): only the positions we score
-    return token_logps(completion_logits, mb["completion_ids"], with_entropy)
+    rows = (mb["positions"] - first).clamp(min=0)  # (N, C)
+    logps, entropy = [], []
+    for i in range(logits.shape[0]):  # one (C, V) slice at a time, never a second (N, C, V) copy
+        lp = token_logps(logits[i].index_select(0, rows[i]).unsqueeze(0), mb["completion_ids"][i:i + 1],
+                         with_entropy)
+        logps.append(lp[0] if with_entropy else lp)
+        if with_entropy:
+            entropy.append(lp[1])
+    return (torch.cat(logps), torch.cat(entropy)) if with_entropy else torch.cat(logps)
 
 
 def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples: list[dict],
@@ -508,8 +516,13 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples:
     for _ in range(args.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         for k, mb in enumerate(micro):
-            # PLUMBING: skip DDP's all-reduce on all but the last micro-batch
-            sync = accelerator.no_sync(model) if k < len(micro) - 1 else _nullcontext()
+            last = k == len(micro) - 1
+            # PLUMBING: gradients are synchronised (DDP all-reduce; DeepSpeed's engine step) only
+            # after the last micro-batch. accelerate reads this flag in backward(); without an
+            # `accumulate()` context it would be True for every micro-batch and DeepSpeed would
+            # step the optimizer after each one.
+            accelerator.gradient_state._set_sync_gradients(last)
+            sync = accelerator.no_sync(model) if not last else _nullcontext()
             with sync:
                 logps, entropy = forward_logps(model, mb, with_entropy=True)  # (N, C)
                 old = mb.get("old_logps", logps.detach())
@@ -525,7 +538,9 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples:
                     kl_tok = k3_kl(logps, mb["ref_logps"])
                     kl = (kl_tok * mb["completion_mask"]).sum() / num_tokens
                     loss = loss + args.kl_coef * kl
-                accelerator.backward(loss)
+                # PLUMBING: DeepSpeed divides the loss by its configured accumulation steps;
+                # our loss is already normalised over the whole batch, so undo that.
+                accelerator.backward(loss * _deepspeed_gas(accelerator))
             m = mb["completion_mask"]
             for key, val in {**pstats, "entropy": (entropy * m).sum() / m.sum().clamp(min=1),
                              "kl": kl * num_tokens / m.sum().clamp(min=1), "loss": loss}.items():
@@ -534,7 +549,29 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples:
         optimizer.step()
         scheduler.step()
         stats.setdefault("grad_norm", []).append(float(grad_norm))
-    return {k: float(np.sum(v)) if k == "loss" else float(np.mean(v)) for k, v in stats.items()}
+    # "loss" holds one entry per micro-batch and update: the batch loss is their sum per update,
+    # averaged over the ppo_epochs updates.
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    out["loss"] = float(np.sum(stats["loss"])) / args.ppo_epochs
+    return out
+
+
+def _deepspeed_gas(accelerator) -> int:
+    if getattr(accelerator, "deepspeed_engine_wrapped", None) is None:
+        return 1
+    return int(accelerator.deepspeed_engine_wrapped.engine.gradient_accumulation_steps())
+
+
+def fail_together(accelerator, error: BaseException | None) -> None:
+    """Raise on every process if any process hit `error`: a rank that raised alone would leave
+    the others blocked in the next collective until the NCCL timeout."""
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+        flag = accelerator.reduce(flag, reduction="sum")  # number of failed processes
+        if error is None and flag.item() > 0:
+            raise RuntimeError(f"stopping: {int(flag.item())} other process(es) failed; see their error above")
+    if error is not None:
+        raise error
 
 
 class _nullcontext:
@@ -682,7 +719,9 @@ def main(args: Args) -> None:
     from accelerate.utils import set_seed
     from transformers import AutoModelForImageTextToText, AutoProcessor, get_constant_schedule_with_warmup
 
-    accelerator = Accelerator()
+    # step_scheduler_with_optimizer=False: accelerate would otherwise step the LR schedule once
+    # per process on every call (8x too fast on 8 GPUs).
+    accelerator = Accelerator(step_scheduler_with_optimizer=False)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # --- derived sizes, checked loudly -------------------------------------------------------
@@ -690,6 +729,9 @@ def main(args: Args) -> None:
     if args.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={args.prompts_per_step} must be divisible by the number "
                          f"of processes ({world})")
+    if args.tensor_parallel_size > 1 and world > 1:
+        raise ValueError("tensor_parallel_size > 1 with several training processes is not supported: every "
+                         "rank of a vLLM tensor-parallel group would need identical requests")
     local_prompts = args.prompts_per_step // world  # prompts each process rolls out
     steps_per_epoch = len(rows) // args.prompts_per_step
     if steps_per_epoch == 0:
@@ -699,7 +741,10 @@ def main(args: Args) -> None:
     set_seed(args.seed + rank)  # PLUMBING: per-rank seed offset
 
     # --- models --------------------------------------------------------------------------------
-    dtype = torch.float32 if args.dtype == "float32" or not torch.cuda.is_available() else torch.bfloat16
+    # The policy keeps float32 master weights: an AdamW update at lr 1e-6 is far below bf16's
+    # resolution and would round away. bf16 compute comes from accelerate's mixed_precision
+    # (configs/*.yaml); `--dtype` is the rollout engine's dtype.
+    dtype = torch.float32
     processor = AutoProcessor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     tokenizer = processor.tokenizer
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
@@ -710,7 +755,8 @@ def main(args: Args) -> None:
         ref_model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).eval()
         ref_model.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps))
+    scheduler = get_constant_schedule_with_warmup(  # counted in optimizer steps
+        optimizer, math.ceil(args.warmup_ratio * total_steps * args.ppo_epochs))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if ref_model is not None:
         ref_model = ref_model.to(accelerator.device)
@@ -748,7 +794,7 @@ def main(args: Args) -> None:
         # 2) rollouts: G responses per prompt, groups contiguous ---------------------------------
         completion_ids = generate_rollouts(llm, prompts, local_images, args, step, rank, forbidden_ids)
         if args.vllm_sleep:
-            llm.sleep(level=1)  # PLUMBING: free KV cache and weights for the update phase
+            llm.sleep(level=2)  # PLUMBING: drop KV cache and weights (the sync rewrites them)
         responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         t_gen = time.time() - t0
 
@@ -760,7 +806,13 @@ def main(args: Args) -> None:
         r_fmt = torch.tensor([format_reward(resp) for resp in responses])
         r_rep = torch.tensor([repetition_penalty(resp, args.rep_ngram, args.rep_max_penalty) for resp in responses])
         if judge_future is not None:
-            r_vis, judge_failed = impute_failed_judgements(judge_future.result(), G)
+            judged, error = None, None
+            try:
+                judged = judge_future.result()
+            except Exception as e:  # JudgeError from the failure guard, or the client itself
+                error = e
+            fail_together(accelerator, error)  # PLUMBING: every rank stops, none hangs
+            r_vis, judge_failed = impute_failed_judgements(judged, G)
         else:
             r_vis, judge_failed = torch.zeros(len(responses)), torch.zeros(len(responses), dtype=torch.bool)
         has_facts = torch.tensor([len(split_annotations(f)) > 0 for f in facts])
@@ -769,19 +821,22 @@ def main(args: Args) -> None:
         t_reward = time.time() - t0 - t_gen
 
         # 4) training samples: processor prompt ids + vLLM completion ids --------------------------
-        samples = []
+        samples, error = [], None
         for p, (prompt, imgs) in enumerate(zip(prompts, local_images)):
             enc = processor(text=[prompt], images=imgs, return_tensors="pt")
             prompt_ids = enc["input_ids"][0].tolist()
             if len(prompt_ids) > args.max_prompt_length:
-                raise ValueError(f"{data.row_name(local_rows[p])}: prompt has {len(prompt_ids)} tokens, more "
-                                 f"than max_prompt_length={args.max_prompt_length} (prompts with image tokens "
-                                 "are never truncated; lower max_pixels or raise the limit)")
+                error = ValueError(f"{data.row_name(local_rows[p])}: prompt has {len(prompt_ids)} tokens, more "
+                                   f"than max_prompt_length={args.max_prompt_length} (prompts with image tokens "
+                                   "are never truncated; lower max_pixels or raise the limit)")
+                break
             for g in range(G):
                 i = p * G + g
                 samples.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids[i] or [tokenizer.eos_token_id],
                                 "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"],
                                 "advantage": float(advantages[i])})
+
+        fail_together(accelerator, error)  # PLUMBING
 
         # 5) policy update -------------------------------------------------------------------------
         model.train()

@@ -408,7 +408,8 @@ def test_help_documents_every_option():
 def test_learning_mean_reward_rises(tmp_path):
     """A warm-started tiny model writes the <think>/<answer> layout about a quarter of the time;
     GRPO on the format reward alone (w_fmt=1, the others 0) must raise it clearly within two
-    few dozen steps. (Measured here: ~0.3 over the first 8 steps -> ~0.6 over the last 8.)"""
+    30 steps of 16 prompts x 8 samples. Measured here (first 5 steps -> last 5 steps):
+    0.36 -> 0.69 with seed 1 (the default), 0.38 -> 0.54 with seed 2."""
     from demo_data import generate
     from tiny_model import build_tiny_model, warm_start
 
@@ -419,14 +420,14 @@ def test_learning_mean_reward_rises(tmp_path):
     cmd = tiny_run_args(model, demo_dir, out, steps=30,
                         extra=["--sample_every", "0", "--save_every", "0", "--w_acc", "0", "--w_vis", "0",
                                "--w_fmt", "1"])
-    for flag, value in (("--prompts_per_step", "8"), ("--group_size", "8"), ("--max_response_length", "96"),
-                        ("--learning_rate", "2e-4"), ("--micro_batch_size", "16")):
+    for flag, value in (("--prompts_per_step", "16"), ("--group_size", "8"), ("--max_response_length", "96"),
+                        ("--learning_rate", "2e-4"), ("--micro_batch_size", "32")):
         cmd[cmd.index(flag) + 1] = value
     run(cmd, timeout=900)
     rewards = [r["reward/total"] for r in metrics(out)]
     assert rewards == [r["reward/format"] for r in metrics(out)]
-    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
-    assert last > first + 0.15, rewards
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.1, rewards
 
 
 # ---------------------------------------------------------------------------------------------
