@@ -78,22 +78,29 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int,
     return h, w
 
 
-def open_image(value: Any, where: str = "image", base_dir: str | os.PathLike | None = None) -> Image.Image:
+def open_image(value: Any, where: str = "image", base_dir: str | os.PathLike | None = None,
+               verify: bool = False) -> Image.Image:
     """Open one image given as a PIL image, a path (relative to `base_dir`), or a
-    {"bytes": ..., "path": ...} dict; return it in RGB. Raises RowError naming `where`."""
+    {"bytes": ..., "path": ...} dict; return it in RGB. Raises RowError naming `where`.
+    `verify`: also run PIL's integrity check (checksums) on the encoded file first."""
     try:
         if isinstance(value, Image.Image):
             img = value
         elif isinstance(value, dict) and value.get("bytes"):
+            if verify:
+                Image.open(io.BytesIO(value["bytes"])).verify()
             img = Image.open(io.BytesIO(value["bytes"]))
         elif isinstance(value, dict) and value.get("path"):
-            return open_image(value["path"], where, base_dir)
+            return open_image(value["path"], where, base_dir, verify)
         elif isinstance(value, (str, os.PathLike)) and str(value):
             path = Path(value)
             if not path.is_absolute() and base_dir is not None:
                 path = Path(base_dir) / path
             if not path.exists():
                 raise RowError(f"{where}: image file not found: {path}")
+            if verify:
+                with Image.open(path) as probe:
+                    probe.verify()
             img = Image.open(path)
         else:
             raise RowError(f"{where}: no usable image (got {type(value).__name__}: {str(value)[:80]!r})")
@@ -165,24 +172,65 @@ def row_name(row: dict, index: int | None = None) -> str:
 
 
 def check_row(row: dict, index: int | None = None, require_facts: bool = False) -> None:
-    """Raise RowError (naming the row and field) unless `row` fits the training schema."""
-    name = row_name(row, index)
-    for field in REQUIRED_FIELDS + (("visual_key_info",) if require_facts else ()):
-        if field not in row or row[field] is None:
-            raise RowError(f"{name}: missing field '{field}'")
+    """Raise RowError (naming the row and field) unless `row` fits the training schema
+    (images are not opened here; `row_errors` does that)."""
+    errors = schema_errors(row, row_name(row, index), require_facts)
+    if errors:
+        raise RowError(errors[0])
+
+
+def schema_errors(row: dict, name: str, require_facts: bool = False) -> list[str]:
+    """What keeps `row` from fitting the training schema, one message per problem."""
+    missing = [f for f in REQUIRED_FIELDS + (("visual_key_info",) if require_facts else ())
+               if f not in row or row[f] is None]
+    if missing:
+        return [f"{name}: missing field '{f}'" for f in missing]
+    errors = []
     if not isinstance(row["problem"], str) or not row["problem"].strip():
-        raise RowError(f"{name}: field 'problem' is empty or not a string")
+        errors.append(f"{name}: field 'problem' is empty or not a string")
     if not str(row["answer"]).strip():
-        raise RowError(f"{name}: field 'answer' is empty")
+        errors.append(f"{name}: field 'answer' is empty")
     images = row["images"]
     if not isinstance(images, (list, tuple)) or len(images) == 0:
-        raise RowError(f"{name}: field 'images' must be a non-empty list")
-    n_placeholders = row["problem"].count(IMAGE_PLACEHOLDER)
-    if n_placeholders not in (0, len(images)):
-        raise RowError(f"{name}: field 'problem' has {n_placeholders} '{IMAGE_PLACEHOLDER}' "
-                       f"placeholders but 'images' has {len(images)} images")
+        errors.append(f"{name}: field 'images' must be a non-empty list")
+    elif isinstance(row["problem"], str) and row["problem"].count(IMAGE_PLACEHOLDER) not in (0, len(images)):
+        errors.append(f"{name}: field 'problem' has {row['problem'].count(IMAGE_PLACEHOLDER)} "
+                      f"'{IMAGE_PLACEHOLDER}' placeholders but 'images' has {len(images)} images")
     if require_facts and not str(row["visual_key_info"]).strip():
-        raise RowError(f"{name}: field 'visual_key_info' is empty")
+        errors.append(f"{name}: field 'visual_key_info' is empty")
+    return errors
+
+
+def row_errors(row: dict, require_facts: bool = False) -> list[str]:
+    """Everything wrong with a row, each message naming the row and the field ([] = usable):
+    the schema, then every image opened, verified and checked against Qwen2.5-VL's limits."""
+    name = row_name(row)
+    errors = schema_errors(row, name, require_facts)
+    if errors:
+        return errors
+    for k, value in enumerate(row["images"]):
+        try:
+            img = open_image(value, f"{name}: field 'images'[{k}]", verify=True)
+            smart_resize(img.height, img.width, 1, 1 << 62)  # zero side / aspect ratio limits only
+        except RowError as e:
+            errors.append(str(e))
+        except ValueError as e:
+            errors.append(f"{name}: field 'images'[{k}]: {e}")
+    return errors
+
+
+def find_bad_rows(rows: list[dict], require_facts: bool = False, workers: int = 8,
+                  desc: str = "checking rows", progress: bool = True) -> dict[int, list[str]]:
+    """`row_errors` of every row, in parallel threads (image decoding releases the GIL), with a
+    progress bar. Returns {row["_index"]: [reasons]} for the unusable rows only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(rows)))) as pool:
+        results = list(tqdm(pool.map(lambda r: row_errors(r, require_facts), rows), total=len(rows),
+                            desc=desc, unit="row", disable=not progress))
+    return {row.get("_index", i): errs for i, (row, errs) in enumerate(zip(rows, results)) if errs}
 
 
 def row_images(row: dict, min_pixels: int, max_pixels: int) -> list[Image.Image]:
@@ -265,6 +313,7 @@ def append_jsonl(fh, row: dict) -> None:
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Write rows atomically (temp file + rename)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         for row in rows:

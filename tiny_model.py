@@ -259,8 +259,10 @@ def warm_start(model_dir: str | os.PathLike, data_file: str | os.PathLike, steps
             ids = torch.cat([enc["input_ids"], torch.tensor([target])], dim=1)
             labels = ids.clone()
             labels[:, :enc["input_ids"].shape[1]] = -100
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc["pixel_values"],
-                        image_grid_thw=enc["image_grid_thw"], labels=labels)
+            # image-token marks for Qwen2.5-VL's 3-D positions (as vLLM computes them)
+            types = torch.cat([enc["mm_token_type_ids"], torch.zeros((1, len(target)), dtype=enc["mm_token_type_ids"].dtype)], dim=1)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], labels=labels)
             (out.loss / len(batch)).backward()
             total += float(out.loss.detach()) / len(batch)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -15,48 +15,58 @@ What this file does
 Papers
     Perception-R1: Advancing Multimodal Reasoning Capabilities of MLLMs via Visual Perception
         Reward, arXiv:2506.07218 (the method; defaults follow its official training script)
-    DeepSeekMath (GRPO), arXiv:2402.03300; DAPO (clip-higher), arXiv:2503.14476;
-    dual-clip PPO, arXiv:1912.09729; k3 KL estimator, J. Schulman, "Approximating KL divergence"
+    DeepSeekMath (GRPO), arXiv:2402.03300; DAPO (clip-higher, token-mean), arXiv:2503.14476;
+    dual-clip PPO, arXiv:1912.09729; k3 KL estimator, J. Schulman, "Approximating KL divergence";
+    truncated importance sampling for rollout/trainer mismatch, F. Yao et al., "Your efficient RL
+    framework secretly brings you off-policy RL training" (2025)
 
 Code map (section -> equation -> function)
     1. Args                      every hyperparameter, paper defaults            Args
-    2. Rewards                   r_fmt, r_acc, r_p; R = sum w_i r_i             format_reward, accuracy_reward,
-                                                                                 repetition_penalty, mix_rewards
+    2. Rewards                   r_fmt, r_acc, r_p; R = sum_i w_i r_i            format_reward, accuracy_reward,
+                                                                                 repetition_penalty, reward_table,
+                                                                                 mix_rewards
     3. Advantages                A_i = (R_i - mean_G R) / (std_G R + eps)        group_advantages
-    4. Token log-probs           log pi(y_t | x, y_<t), entropy                  token_logps
-    5. Policy loss               clipped surrogate, eps_low/high, dual clip c    policy_loss
-    6. KL to reference           k3 = exp(ref - logp) - (ref - logp) - 1         k3_kl
-    7. Data                      rows -> prompts + resized images               load_train_rows, ...
+    4. Token log-probs           log pi(y_t | x, y_<t) at temperature tau        token_logps
+    5. Policy loss               clipped surrogate, eps_low/high, dual clip c,   policy_loss, aggregate
+                                 optional TIS weight min(pi_old / pi_vllm, C)
+    6. KL and mismatch           k3 = exp(q - p) - (q - p) - 1                   k3_kl, tis_weights
+    7. Data                      rows checked up front, prompts + images         load_checked_rows, batch_indices
     8. Rollouts                  vLLM generates G responses per prompt           generate_rollouts
-    9. Training step             micro-batches, grad accumulation, AdamW         train_on_batch
-   10. Weight sync, checkpoints, logging                                         sync_weights_to_vllm, ...
-   11. main                      the loop
+    9. Training step             micro-batches, one global token-mean, AdamW     train_on_batch
+   10. Validation                greedy responses scored by the training rewards validate
+   11. Weight sync, checkpoints, logging                                         sync_weights_to_vllm, ...
+   12. main                      the loop
 
 Deviations from the paper / official code
     1. A failed judge request is counted, logged (judge/failure_rate) and *imputed with the mean
        r_v of the response's group*, which leaves that response's advantage unaffected by r_v;
-       the judge's run-level guard stops training when failures persist. The official code
-       silently scores a failed request as r_v = 0.
+       the judge's run-level guard stops training when failures persist. In the official code a
+       failed request returns None, which the next line dereferences: the whole run crashes.
     2. "token-mean" divides the summed token losses by the number of response tokens of the
-       whole rollout batch on this process, not of each micro-batch, so that gradient
-       accumulation (1 x k vs k x 1) gives the same gradient. With one micro-batch per rollout
-       batch the two are identical.
+       whole rollout batch over all processes (one all-reduce), not of each micro-batch, so that
+       gradient accumulation (1 x k vs k x 1) and the number of processes leave the gradient
+       unchanged. With one micro-batch on one process the two are identical.
     3. The instruction appended to each problem is our wording (data.INSTRUCTION) of the
        official prompt's requirements; its format requirements are identical.
     4. Images are resized once to the Qwen2.5-VL grid (data.resize_image) before both the HF
        processor and vLLM see them, so both produce the same image tokens.
+    5. Ours, off by default: truncated importance sampling (`--tis_cap`) against the
+       rollout/trainer mismatch; the mismatch itself is always measured and logged.
 
-Shapes: B = prompts, G = responses per prompt, T = tokens, V = vocabulary.
+Shapes: B = prompts, G = responses per prompt, T = completion tokens (padded), V = vocabulary.
+Prefixes: `local_` = this process's share; no prefix = all processes; `mb_` = one micro-batch.
 
 Launch
     CPU demo (tiny model, demo data):  make demo
     1 GPU:   accelerate launch --config_file configs/single_gpu.yaml train_grpo.py --dataset PATH
     8 GPUs:  accelerate launch --config_file configs/deepspeed_zero3.yaml train_grpo.py \\
-                 --dataset PATH --judge.backend openai --judge.base_urls http://JUDGE:8000/v1
+                 --dataset tongxiao2002/Perception-R1-Dataset --val_dataset PATH \\
+                 --judge.backend openai --judge.base_urls http://JUDGE:8000/v1
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -64,18 +74,17 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 import tyro
 
 import data
-from judge import JudgeArgs, build_judge, split_annotations
+from judge import JudgeArgs, build_judge, has_annotations
 
 
 # =============================================================================================
@@ -89,9 +98,12 @@ class Args:
     dataset: str = "demo_data/train.jsonl"
     """training rows: local .jsonl/.parquet or a Hugging Face dataset id, training schema
     (problem with <image>, answer, images, visual_key_info). Paper: the authors' 1,442 annotated
-    Geometry3K problems (annotate.py builds such a file)."""
+    Geometry3K problems, tongxiao2002/Perception-R1-Dataset (annotate.py builds such a file)."""
     split: str = "train"
     """split to read when `dataset` is a Hugging Face id"""
+    skip_bad_rows: bool = False
+    """every row (and every image, opened and verified) is checked before the first step; bad rows
+    stop the run with a list of all of them (row, field, reason). True: drop them and go on (ours)"""
     min_pixels: int = data.PAPER_MIN_PIXELS
     """smallest image size in pixels after resizing (official script: 3,136)"""
     max_pixels: int = data.PAPER_MAX_PIXELS
@@ -114,7 +126,8 @@ class Args:
     max_steps: int | None = None
     """stop after this many rollout steps, each = ppo_epochs optimizer steps (None: epochs * steps per epoch)"""
     temperature: float = 1.0
-    """sampling temperature for rollouts (official: 1.0)"""
+    """sampling temperature of the rollouts; the training logits are divided by it too, so the loss
+    sees the distribution that was sampled (official: 1.0)"""
     top_p: float = 1.0
     """nucleus sampling for rollouts (official: 1.0)"""
     ppo_epochs: int = 1
@@ -126,13 +139,17 @@ class Args:
     dual_clip: float = 3.0
     """dual-clip constant c for negative advantages (official: 3.0)"""
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
-    """loss aggregation: mean over all response tokens (official) or mean over responses of
-    each response's token mean"""
+    """loss aggregation: mean over all response tokens of the batch (official) or mean over
+    responses of each response's token mean"""
     adv_eps: float = 1e-6
     """eps in (r - mean) / (std + eps) (official: 1e-6)"""
     kl_coef: float = 0.0
     """beta for the k3 KL penalty to a frozen reference (official: 0 = off, no reference loaded;
     EasyR1's generic config uses 1e-2 when on)"""
+    tis_cap: float | None = None
+    """truncated importance sampling: multiply each token's loss by min(pi_old / pi_vllm, tis_cap),
+    correcting for the gap between the vLLM sampler and the trained policy (ours, as TRL's
+    vllm_importance_sampling_cap / verl's rollout correction; None = off, the official setting)"""
 
     # --- rewards ---
     w_acc: float = 0.9
@@ -140,7 +157,8 @@ class Args:
     w_fmt: float = 0.1
     """weight of r_fmt (official: 0.1)"""
     w_vis: float = 0.7
-    """weight of r_v, the visual perception reward (official: 0.7; paper: 0.1..0.9 all similar)"""
+    """weight of r_v, the visual perception reward (official: 0.7; paper: 0.1..0.9 all similar).
+    0 = no judge at all (the paper's "without r_v" ablation)"""
     rep_ngram: int = 20
     """n of the n-grams in the repetition penalty (official: 20)"""
     rep_max_penalty: float = -2.0
@@ -156,11 +174,26 @@ class Args:
     warmup_ratio: float = 0.05
     """share of steps with linear warm-up, then constant (official: 0.05)"""
     max_grad_norm: float = 1.0
-    """gradient-norm clip (official: 1.0)"""
+    """gradient-norm clip (official: 1.0). A step whose gradient norm is not finite is skipped
+    (official) and counted in train/skipped_steps"""
     micro_batch_size: int = 4
-    """responses per forward/backward pass per process (memory knob; does not change the maths)"""
+    """responses per forward/backward pass per process (memory knob; does not change the maths).
+    Under DeepSpeed it is also DeepSpeed's train_micro_batch_size_per_gpu"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+
+    # --- validation (official: before training and every 5 steps, greedy) ---
+    val_dataset: str | None = None
+    """held-out rows in the training schema (local file or Hugging Face id); None = no validation.
+    Each validation writes <output_dir>/val/step-<N>.jsonl, readable by `evaluate.py compare`"""
+    val_split: str = "test"
+    """split to read when `val_dataset` is a Hugging Face id"""
+    val_every: int = 5
+    """validate after every N rollout steps, and after the last one (official: 5)"""
+    val_before_train: bool = True
+    """validate once before the first step (official: true)"""
+    val_limit: int | None = None
+    """use only the first N validation rows (None = all)"""
 
     # --- vLLM ---
     gpu_memory_utilization: float = 0.4
@@ -245,10 +278,29 @@ def repetition_penalty(response: str, n: int = 20, max_penalty: float = -2.0) ->
     return max_penalty * (1.0 - len(set(ngrams)) / len(ngrams))
 
 
-def mix_rewards(r_acc: torch.Tensor, r_fmt: torch.Tensor, r_vis: torch.Tensor, r_rep: torch.Tensor,
-                w_acc: float, w_fmt: float, w_vis: float) -> torch.Tensor:
-    """R = w_acc r_acc + w_fmt r_fmt + w_vis r_v + r_p, all shape (B*G,)."""
-    return w_acc * r_acc + w_fmt * r_fmt + w_vis * r_vis + r_rep
+# A reward term maps (response, row) -> float. "visual" has no function here: the judging LLM
+# scores whole batches at once (judge.py), concurrently with the cheap terms (see score_responses).
+RewardFn = Callable[[str, dict], float]
+
+
+def reward_table(args: Args) -> dict[str, tuple[float, RewardFn | None]]:
+    """name -> (weight, reward function): the paper's R = 0.9 r_acc + 0.1 r_fmt + 0.7 r_v + r_p.
+
+    To add a reward: write a pure function (response, row) -> float and add one line here;
+    logging, the sample table and validation follow from this table.
+    """
+    table = {
+        "accuracy": (args.w_acc, lambda resp, row: accuracy_reward(resp, str(row["answer"]))),
+        "format": (args.w_fmt, lambda resp, row: format_reward(resp)),
+        "visual": (args.w_vis, None),  # r_v from the judging LLM (judge.py)
+        "repetition": (1.0, lambda resp, row: repetition_penalty(resp, args.rep_ngram, args.rep_max_penalty)),
+    }
+    return {name: term for name, term in table.items() if term[0] != 0 or name != "visual"}
+
+
+def mix_rewards(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """R = sum_i w_i r_i over the reward terms; every term has shape (B*G,)."""
+    return sum(weights[name] * r for name, r in terms.items())
 
 
 def impute_failed_judgements(r_vis: list[float | None], group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,40 +333,67 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
 
 
 # =============================================================================================
-# 4. Token log-probs without a full (B, T, V) log-softmax
+# 4. Token log-probs without a full (B*G, T, V) log-softmax
 # =============================================================================================
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
-    """log softmax(logits)[target] per position, computed one sequence at a time so that at most
-    one (T, V) float32 log-softmax exists at once (V is 152k for Qwen2.5-VL).
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                with_entropy: bool = False, banned_ids: torch.Tensor | None = None):
+    """log softmax(logits / temperature)[target] per position, one sequence at a time so that at
+    most one (T, V) float32 log-softmax exists at once (V is 152k for Qwen2.5-VL).
 
+    Dividing by the rollout temperature makes these the log-probs of the distribution vLLM sampled
+    from (official code, TRL and EasyR1 do the same). `banned_ids` (the vision special tokens, which
+    sampling never emits) are left out of the softmax for the same reason.
     logits: (N, T, V), targets: (N, T) -> logps (N, T) [, entropy (N, T), no gradient]
     """
     logps, entropy = [], []
     for row_logits, row_targets in zip(logits, targets):  # loop over N: memory, not speed
-        row_logp = row_logits.float().log_softmax(dim=-1)  # (T, V)
+        scaled = row_logits.float() / temperature  # (T, V), a fresh tensor
+        if banned_ids is not None and len(banned_ids):
+            scaled.index_fill_(-1, banned_ids, float("-inf"))  # in place: no second (T, V) copy
+        row_logp = scaled.log_softmax(dim=-1)  # (T, V)
         logps.append(row_logp.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1))
         if with_entropy:
             with torch.no_grad():
-                entropy.append(-(row_logp.exp() * row_logp).sum(-1))
+                p = row_logp.exp()
+                entropy.append(-(p * row_logp.masked_fill(p == 0, 0.0)).sum(-1))
     logps = torch.stack(logps)
     return (logps, torch.stack(entropy)) if with_entropy else logps
 
 
 # =============================================================================================
-# 5. Clipped surrogate with clip-higher and dual clip
+# 5. Clipped surrogate with clip-higher, dual clip and optional TIS weights
 # =============================================================================================
+def aggregate(values: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean",
+              num_tokens: float | None = None, num_seqs: float | None = None) -> torch.Tensor:
+    """Reduce per-token values (N, T) to a scalar.
+
+    token-mean:          sum(v * mask) / num_tokens             (num_tokens defaults to mask.sum())
+    seq-mean-token-mean: sum_i (sum_t v_it m_it / sum_t m_it) / num_seqs   (num_seqs defaults to N)
+    The denominators are parameters so that a micro-batch can be divided by the count of the
+    whole batch (train_on_batch passes the counts of all processes).
+    """
+    mask = mask.to(values.dtype)
+    if loss_agg == "token-mean":
+        denom = mask.sum() if num_tokens is None else num_tokens
+        return (values * mask).sum() / max(float(denom), 1.0)
+    if loss_agg == "seq-mean-token-mean":
+        seq_means = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (N,)
+        return seq_means.sum() / (values.shape[0] if num_seqs is None else num_seqs)
+    raise ValueError(f"unknown loss_agg {loss_agg!r}")
+
+
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.3,
-                dual_clip: float = 3.0, loss_agg: str = "token-mean", num_tokens: float | None = None):
-    """PPO-clip loss per token, aggregated.
+                dual_clip: float = 3.0, loss_agg: str = "token-mean", num_tokens: float | None = None,
+                num_seqs: float | None = None, tis_weights: torch.Tensor | None = None):
+    """PPO-clip loss per token, aggregated (see `aggregate`).
 
         ratio   = exp(logp - old_logp)
         l_clip  = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))
         l       = min(l_clip, -A c)  where A < 0   (dual clip bounds the loss of very
                   unlikely-now actions with negative advantage)
-    logps/old_logps/mask: (N, T); advantages: (N,) broadcast over tokens.
-    token-mean: sum(l * mask) / num_tokens (num_tokens defaults to mask.sum());
-    seq-mean-token-mean: mean over sequences of each sequence's token mean.
+        l       = l * w   with TIS weights w (no gradient) when given
+    logps/old_logps/mask/tis_weights: (N, T); advantages: (N,) broadcast over tokens.
     Returns (loss, stats dict of detached tensors).
     """
     adv = advantages.unsqueeze(-1)  # (N, 1)
@@ -324,26 +403,22 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     loss_clip = torch.maximum(loss_unclipped, loss_clipped)
     loss_dual = torch.minimum(loss_clip, -adv * dual_clip)
     per_token = torch.where(adv < 0, loss_dual, loss_clip)  # (N, T)
-    mask = mask.to(per_token.dtype)
-    if loss_agg == "token-mean":
-        denom = mask.sum() if num_tokens is None else num_tokens
-        loss = (per_token * mask).sum() / max(float(denom), 1.0)
-    elif loss_agg == "seq-mean-token-mean":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    else:
-        raise ValueError(f"unknown loss_agg {loss_agg!r}")
+    if tis_weights is not None:
+        per_token = per_token * tis_weights.detach()
+    loss = aggregate(per_token, mask, loss_agg, num_tokens, num_seqs)
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
+        m = mask.to(per_token.dtype)
+        n = m.sum().clamp(min=1)
         stats = {
-            "clip_frac": (((loss_clipped > loss_unclipped) & (mask > 0)).float().sum() / n),
-            "dual_clip_frac": (((adv < 0) & (loss_clip > -adv * dual_clip) & (mask > 0)).float().sum() / n),
-            "ratio_mean": (ratio * mask).sum() / n,
+            "clip_frac": (((loss_clipped > loss_unclipped) & (m > 0)).float().sum() / n),
+            "dual_clip_frac": (((adv < 0) & (loss_clip > -adv * dual_clip) & (m > 0)).float().sum() / n),
+            "ratio_mean": (ratio * m).sum() / n,
         }
     return loss, stats
 
 
 # =============================================================================================
-# 6. KL to the reference policy (k3 estimator, only when kl_coef > 0)
+# 6. KL to the reference policy (k3) and the rollout/trainer mismatch
 # =============================================================================================
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Per-token k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, an unbiased, low-variance
@@ -353,18 +428,37 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return (log_ratio.exp() - log_ratio - 1.0).clamp(-10.0, 10.0)
 
 
+def tis_weights(old_logps: torch.Tensor, vllm_logps: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights min(pi_old / pi_vllm, cap) per token, no gradient: the tokens
+    were sampled by vLLM, whose numerics differ from the trainer's. Shapes (N, T) -> (N, T)."""
+    return torch.exp(old_logps - vllm_logps).clamp(max=cap).detach()
+
+
 # =============================================================================================
-# 7. Data
+# 7. Data: every row checked before the first step
 # =============================================================================================
-def load_train_rows(args: Args) -> list[dict]:
-    """Load and validate every row up front: a bad row stops the run before any GPU time is
-    spent, with an error naming the row and field."""
-    rows = data.load_rows(args.dataset, args.split)
+def load_checked_rows(accelerator, source: str, split: str, args: Args, what: str,
+                      limit: int | None = None) -> list[dict]:
+    """Load rows and check all of them (schema, and every image opened and verified) before any
+    GPU time is spent. The check is sharded over processes and gathered. Bad rows are reported all
+    at once (row, field, reason); the run stops unless --skip_bad_rows drops them."""
+    from accelerate.utils import gather_object
+
+    rows = data.load_rows(source, split, limit=limit)
     if not rows:
-        raise ValueError(f"{args.dataset}: no rows")
-    for row in rows:
-        data.check_row(row, require_facts=args.w_vis != 0)
-    return rows
+        raise ValueError(f"{source}: no rows")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    local = data.find_bad_rows(rows[rank::world], require_facts=args.w_vis != 0, desc=f"checking {what} rows",
+                               progress=accelerator.is_main_process)
+    bad = dict(gather_object(list(local.items())) if world > 1 else local)  # PLUMBING: every rank sees all
+    if not bad:
+        return rows
+    report = "\n".join(f"  {reason}" for i in sorted(bad) for reason in bad[i])
+    if not args.skip_bad_rows:
+        raise data.RowError(f"{source}: {len(bad)} of {len(rows)} {what} rows are unusable:\n{report}\n"
+                            "(fix them, or pass --skip_bad_rows to drop them)")
+    accelerator.print(f"{source}: dropping {len(bad)} of {len(rows)} {what} rows (--skip_bad_rows):\n{report}")
+    return [r for r in rows if r["_index"] not in bad]
 
 
 def batch_indices(num_rows: int, step: int, prompts_per_step: int, seed: int) -> list[int]:
@@ -404,155 +498,223 @@ def build_vllm(args: Args, rank: int, num_processes: int, max_images: int):
         limit_mm_per_prompt={"image": max_images},
         mm_processor_kwargs={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels},
         enable_sleep_mode=args.vllm_sleep,
+        # The log-prob vLLM reports for each sampled token must be that of the distribution it
+        # sampled from: after temperature (and top-p, logit bias). The default "raw_logprobs" is
+        # before them, and would differ from our temperature-scaled policy at any tau != 1.
+        logprobs_mode="processed_logprobs",
         **kwargs,
     )
 
 
-def generate_rollouts(llm, prompts: list[str], images: list[list], args: Args, step: int, rank: int,
-                      forbidden_ids: list[int]):
-    """G samples per prompt. Returns completion token ids, list of B*G lists (groups contiguous).
+def vision_token_ids(tokenizer) -> list[int]:
+    """Ids of the vision special tokens, which a response must never contain (sampling bans them)."""
+    names = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in names]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
-    Each request gets multi_modal_uuids unique to this step: after a weight sync, vision-encoder
-    outputs cached under an old key would be stale. Sampling seeds depend on (seed, step, rank,
-    prompt) so that a resumed run regenerates exactly the samples an uninterrupted run saw.
+
+def generate_rollouts(llm, prompts: list[str], images: list[list], args: Args, tag: str,
+                      forbidden_ids: list[int], n: int, greedy: bool = False, seed: int = 0):
+    """n samples per prompt (groups contiguous). Returns (completion token ids, vLLM's log-prob of
+    each sampled token): two lists of B*n lists.
+
+    Each request gets multi_modal_uuids unique to `tag` (one per step): after a weight sync,
+    vision-encoder outputs cached under an old key would be stale. Sampling seeds depend on `seed`
+    (a function of run seed, step and rank) so that a resumed run regenerates exactly the samples
+    an uninterrupted run saw.
     """
     from vllm import SamplingParams
 
     requests, params = [], []
     for i, (prompt, imgs) in enumerate(zip(prompts, images)):
         requests.append({"prompt": prompt, "multi_modal_data": {"image": imgs},
-                         "multi_modal_uuids": {"image": [f"s{step}-r{rank}-p{i}-i{k}" for k in range(len(imgs))]}})
+                         "multi_modal_uuids": {"image": [f"{tag}-p{i}-i{k}" for k in range(len(imgs))]}})
         params.append(SamplingParams(
-            n=args.group_size, temperature=args.temperature, top_p=args.top_p,
-            max_tokens=args.max_response_length,
-            # vLLM seeds sample g of a request with seed + g: space the prompts G apart
-            seed=(args.seed * 1_000_003 + step * 100_003 + (rank * 10_007 + i) * args.group_size) % (2**31),
+            n=n, temperature=0.0 if greedy else args.temperature, top_p=1.0 if greedy else args.top_p,
+            max_tokens=args.max_response_length, logprobs=0,  # 0: only the sampled token's log-prob
+            seed=(seed + i * n) % (2**31),  # vLLM seeds sample g of a request with seed + g
             logit_bias={t: -100.0 for t in forbidden_ids},  # never sample vision special tokens
         ))
     outputs = llm.generate(requests, params, use_tqdm=False)
-    return [list(o.token_ids) for out in outputs for o in out.outputs]
+    ids = [list(o.token_ids) for out in outputs for o in out.outputs]
+    logps = [[step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids)]
+             for out in outputs for o in out.outputs]
+    return ids, logps
+
+
+def rollout_seed(args: Args, step: int, rank: int) -> int:
+    """Sampling seed of a process's requests at `step`, spaced so that no two requests share one."""
+    return args.seed * 1_000_003 + step * 100_003 + rank * 10_007 * args.group_size
 
 
 # =============================================================================================
 # 9. Training step: micro-batches, gradient accumulation, one or more updates
 # =============================================================================================
-def collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-pad prompt+completion ids of a micro-batch; concatenate image patches in order."""
+def collate(samples: list[dict], pad_id: int, banned_ids: list[int] = ()) -> dict:
+    """Right-pad prompt+completion ids of a micro-batch; concatenate image patches in order.
+    `banned_ids`: token ids sampling never emits, left out of the training softmax too."""
     lengths = [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in samples]
-    T_max = max(lengths)
-    C_max = max(len(s["completion_ids"]) for s in samples)
-    input_ids = torch.full((len(samples), T_max), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), T_max), dtype=torch.long)
-    completion_ids = torch.full((len(samples), C_max), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros((len(samples), C_max), dtype=torch.float32)
-    positions = torch.zeros((len(samples), C_max), dtype=torch.long)  # index of logit predicting token
+    T_all, T = max(lengths), max(len(s["completion_ids"]) for s in samples)
+    N = len(samples)
+    input_ids = torch.full((N, T_all), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((N, T_all), dtype=torch.long)
+    completion_ids = torch.full((N, T), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((N, T), dtype=torch.float32)
+    vllm_logps = torch.zeros((N, T), dtype=torch.float32)
+    positions = torch.zeros((N, T), dtype=torch.long)  # index of the logit predicting each token
+    mm_token_type_ids = torch.zeros((N, T_all), dtype=torch.int32)  # 1 = image token (M-RoPE needs it)
     for i, s in enumerate(samples):
-        ids = s["prompt_ids"] + s["completion_ids"]
+        ids, c = s["prompt_ids"] + s["completion_ids"], len(s["completion_ids"])
         input_ids[i, :len(ids)] = torch.tensor(ids)
         attention_mask[i, :len(ids)] = 1
-        c = len(s["completion_ids"])
+        mm_token_type_ids[i, :len(s["prompt_ids"])] = torch.tensor(s["mm_token_type_ids"])
         completion_ids[i, :c] = torch.tensor(s["completion_ids"])
         completion_mask[i, :c] = 1.0
+        vllm_logps[i, :c] = torch.tensor(s["vllm_logps"], dtype=torch.float32)
         positions[i, :c] = torch.arange(len(s["prompt_ids"]) - 1, len(ids) - 1)
     return {
-        "input_ids": input_ids, "attention_mask": attention_mask,
+        "input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
         "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
         "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]),
         "completion_ids": completion_ids, "completion_mask": completion_mask, "positions": positions,
+        "vllm_logps": vllm_logps, "advantages": torch.tensor([s["advantage"] for s in samples]),
+        "banned_ids": torch.tensor(list(banned_ids), dtype=torch.long),
     }
 
 
-def forward_logps(model, mb: dict, with_entropy: bool = False):
-    """Token log-probs of the completion tokens of a collated micro-batch: (N, C).
+def forward_logps(model, mb: dict, temperature: float = 1.0, with_entropy: bool = False):
+    """Token log-probs of the completion tokens of a collated micro-batch: (N, T).
 
     The model is asked only for the logits of the last `keep` positions (`logits_to_keep`),
-    those that predict completion tokens: for a 7B model with V = 152k, full (N, T, V) logits
+    those that predict completion tokens: for a 7B model with V = 152k, full (N, T_all, V) logits
     of 8k-token sequences would take ~10 GB per micro-batch of 4.
     """
-    T = mb["input_ids"].shape[1]
-    first = int(mb["positions"][mb["completion_mask"] > 0].min()) if mb["completion_mask"].any() else T - 1
-    keep = T - first
+    T_all = mb["input_ids"].shape[1]
+    first = int(mb["positions"][mb["completion_mask"] > 0].min()) if mb["completion_mask"].any() else T_all - 1
+    keep = T_all - first
+    # mm_token_type_ids marks the image tokens: without it transformers cannot build Qwen2.5-VL's 3-D
+    # (M-RoPE) positions and silently falls back to 1-D ones, unlike vLLM.
     out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"], use_cache=False,
-                logits_to_keep=keep)
+                mm_token_type_ids=mb["mm_token_type_ids"], pixel_values=mb["pixel_values"],
+                image_grid_thw=mb["image_grid_thw"], use_cache=False, logits_to_keep=keep)
     logits = out.logits  # (N, keep, V), position p of the sequence is row p - first
-    rows = (mb["positions"] - first).clamp(min=0)  # (N, C)
+    rows = (mb["positions"] - first).clamp(min=0)  # (N, T)
     logps, entropy = [], []
-    for i in range(logits.shape[0]):  # one (C, V) slice at a time, never a second (N, C, V) copy
+    for i in range(logits.shape[0]):  # one (T, V) slice at a time, never a second (N, T, V) copy
         lp = token_logps(logits[i].index_select(0, rows[i]).unsqueeze(0), mb["completion_ids"][i:i + 1],
-                         with_entropy)
+                         temperature, with_entropy, mb.get("banned_ids"))
         logps.append(lp[0] if with_entropy else lp)
         if with_entropy:
             entropy.append(lp[1])
     return (torch.cat(logps), torch.cat(entropy)) if with_entropy else torch.cat(logps)
 
 
+def global_counts(accelerator, micro: list[dict]) -> tuple[float, float]:
+    """Denominators of the loss for each process: (tokens, sequences) of the whole batch over all
+    processes, divided by the number of processes. DDP (and DeepSpeed) average the processes'
+    gradients, so dividing each process's sum by count/P gives exactly grad(sum / count)."""
+    local = torch.tensor([sum(float(mb["completion_mask"].sum()) for mb in micro),
+                          float(sum(mb["input_ids"].shape[0] for mb in micro))], device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum")  # PLUMBING: sum over processes
+    return float(total[0]) / accelerator.num_processes, float(total[1]) / accelerator.num_processes
+
+
+def set_accumulation_boundary(accelerator, last: bool) -> None:
+    """Mark whether this micro-batch ends the accumulation: gradients are synchronised (DDP
+    all-reduce) and DeepSpeed's engine steps only then. accelerate reads this flag in backward();
+    its public `accumulate()` context counts calls against a fixed gradient_accumulation_steps and
+    divides the loss by it, which our whole-batch normalisation does not want. Private API:
+    checked on accelerate 1.10-1.15."""
+    accelerator.gradient_state._set_sync_gradients(last)
+
+
 def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples: list[dict],
-                   args: Args, pad_id: int) -> dict:
+                   args: Args, pad_id: int, banned_ids: list[int] = ()) -> dict:
     """One rollout batch: optional old/ref log-prob passes, then `ppo_epochs` optimizer steps,
-    each accumulating gradients over micro-batches. Returns averaged stats."""
+    each accumulating gradients over micro-batches. Returns stats averaged over micro-batches."""
     device = accelerator.device
-    micro = [samples[i:i + args.micro_batch_size] for i in range(0, len(samples), args.micro_batch_size)]
-    micro = [{k: v.to(device) for k, v in collate(mb, pad_id).items()} for mb in micro]  # PLUMBING
-    num_tokens = sum(float(mb["completion_mask"].sum()) for mb in micro)
-    adv = torch.tensor([s["advantage"] for s in samples], device=device)
+    micro = [collate(samples[i:i + args.micro_batch_size], pad_id, banned_ids)
+             for i in range(0, len(samples), args.micro_batch_size)]
+    num_tokens, num_seqs = global_counts(accelerator, micro)  # ALGO: one token-mean for the whole batch
+    to_dev = lambda mb: {k: v.to(device) for k, v in mb.items()}  # noqa: E731  PLUMBING
 
     # ALGO: old log-probs are needed only when the policy moves between updates (ppo_epochs > 1);
     # with one update the ratio is exactly 1 and old_logps = logps.detach() costs nothing.
-    if args.ppo_epochs > 1:
-        with torch.no_grad():
-            for mb in micro:
-                mb["old_logps"] = forward_logps(model, mb)
-    if ref_model is not None:  # ALGO: reference log-probs only when KL is on
-        with torch.no_grad():
-            for mb in micro:
-                mb["ref_logps"] = forward_logps(ref_model, mb)
+    with torch.no_grad():
+        for mb in micro:
+            if args.ppo_epochs > 1:
+                mb["old_logps"] = forward_logps(model, to_dev(mb), args.temperature).cpu()
+            if ref_model is not None:  # ALGO: reference log-probs only when KL is on
+                mb["ref_logps"] = forward_logps(ref_model, to_dev(mb), args.temperature).cpu()
 
     stats: dict[str, list[float]] = {}
-    start = 0
-    for mb in micro:
-        mb["advantages"] = adv[start:start + mb["input_ids"].shape[0]]
-        start += mb["input_ids"].shape[0]
-    for _ in range(args.ppo_epochs):
+    for epoch in range(args.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         for k, mb in enumerate(micro):
             last = k == len(micro) - 1
-            # PLUMBING: gradients are synchronised (DDP all-reduce; DeepSpeed's engine step) only
-            # after the last micro-batch. accelerate reads this flag in backward(); without an
-            # `accumulate()` context it would be True for every micro-batch and DeepSpeed would
-            # step the optimizer after each one.
-            accelerator.gradient_state._set_sync_gradients(last)
-            sync = accelerator.no_sync(model) if not last else _nullcontext()
-            with sync:
-                logps, entropy = forward_logps(model, mb, with_entropy=True)  # (N, C)
-                old = mb.get("old_logps", logps.detach())
-                # ALGO: token-mean over the whole local batch (see deviation 2); seq-mean divides
-                # by the number of micro-batches so the sum over them is a mean.
-                loss, pstats = policy_loss(
-                    logps, old, mb["advantages"], mb["completion_mask"], args.clip_eps_low,
-                    args.clip_eps_high, args.dual_clip, args.loss_agg, num_tokens=num_tokens)
-                if args.loss_agg == "seq-mean-token-mean":
-                    loss = loss * mb["input_ids"].shape[0] / len(samples)
-                kl = torch.zeros((), device=device)
-                if ref_model is not None:
-                    kl_tok = k3_kl(logps, mb["ref_logps"])
-                    kl = (kl_tok * mb["completion_mask"]).sum() / num_tokens
-                    loss = loss + args.kl_coef * kl
-                # PLUMBING: DeepSpeed divides the loss by its configured accumulation steps;
-                # our loss is already normalised over the whole batch, so undo that.
-                accelerator.backward(loss * _deepspeed_gas(accelerator))
-            m = mb["completion_mask"]
-            for key, val in {**pstats, "entropy": (entropy * m).sum() / m.sum().clamp(min=1),
-                             "kl": kl * num_tokens / m.sum().clamp(min=1), "loss": loss}.items():
-                stats.setdefault(key, []).append(float(val.detach()))
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        stats.setdefault("grad_norm", []).append(float(grad_norm))
-    # "loss" holds one entry per micro-batch and update: the batch loss is their sum per update,
-    # averaged over the ppo_epochs updates.
-    out = {k: float(np.mean(v)) for k, v in stats.items()}
-    out["loss"] = float(np.sum(stats["loss"])) / args.ppo_epochs
+            set_accumulation_boundary(accelerator, last)  # PLUMBING
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                mb_stats = micro_batch_step(model, to_dev(mb), accelerator, args, num_tokens, num_seqs,
+                                            measure_mismatch=epoch == 0)
+            for key, val in mb_stats.items():
+                stats.setdefault(key, []).append(val)
+        optimizer_step(model, optimizer, scheduler, accelerator, args, stats)
+    return summarize_train_stats(stats, args.ppo_epochs)
+
+
+def micro_batch_step(model, mb: dict, accelerator, args: Args, num_tokens: float, num_seqs: float,
+                     measure_mismatch: bool) -> dict[str, float]:
+    """Forward, loss and backward of one micro-batch; returns its stats."""
+    logps, entropy = forward_logps(model, mb, args.temperature, with_entropy=True)  # (N, T)
+    old = mb["old_logps"] if "old_logps" in mb else logps.detach()  # ALGO: pi_old
+    mask = mb["completion_mask"]
+    weights = tis_weights(old, mb["vllm_logps"], args.tis_cap) if args.tis_cap else None
+    loss, stats = policy_loss(logps, old, mb["advantages"], mask, args.clip_eps_low, args.clip_eps_high,
+                              args.dual_clip, args.loss_agg, num_tokens, num_seqs, weights)  # ALGO
+    kl = torch.zeros((), device=logps.device)
+    if "ref_logps" in mb:  # ALGO: + beta * KL(pi || ref), aggregated like the policy loss
+        kl = aggregate(k3_kl(logps, mb["ref_logps"]), mask, args.loss_agg, num_tokens, num_seqs)
+        loss = loss + args.kl_coef * kl
+    # PLUMBING: DeepSpeed divides the loss by its configured accumulation steps; our loss is
+    # already normalised over the whole batch, so undo that.
+    accelerator.backward(loss * _deepspeed_gas(accelerator))
+    n = mask.sum().clamp(min=1)
+    out = {**{k: float(v) for k, v in stats.items()}, "loss": float(loss.detach()),
+           "entropy": float((entropy * mask).sum() / n), "kl": float(kl.detach()),
+           "tokens": float(mask.sum())}
+    if measure_mismatch:  # rollout/trainer gap, measured with pi_old (before this batch's update)
+        diff = (old - mb["vllm_logps"]) * mask
+        out["mismatch_abs_sum"] = float(diff.abs().sum())
+        out["mismatch_k3_sum"] = float((k3_kl(mb["vllm_logps"], old) * mask).sum())
+        if weights is not None:
+            out["tis_weight_mean"] = float((weights * mask).sum() / n)
+    return out
+
+
+def optimizer_step(model, optimizer, scheduler, accelerator, args: Args, stats: dict) -> None:
+    """Clip the gradient norm and step; a non-finite norm skips the update (official behaviour).
+    Under DeepSpeed the engine already stepped inside the last backward() and skips a non-finite
+    step itself; clip_grad_norm_ then only reports its norm."""
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+    finite = math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()  # a no-op under DeepSpeed
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()  # the schedule counts updates, skipped or not (as the official trainer)
+    stats.setdefault("grad_norm", []).append(grad_norm if finite else float("nan"))
+    stats.setdefault("skipped_steps", []).append(0.0 if finite else 1.0)
+
+
+def summarize_train_stats(stats: dict[str, list[float]], ppo_epochs: int) -> dict[str, float]:
+    """Micro-batch stats -> one number each. loss: sum over micro-batches (each is already a share
+    of the batch mean), averaged over updates; mismatch: token means; skipped_steps: a count."""
+    tokens = sum(stats["tokens"][:len(stats["tokens"]) // ppo_epochs])
+    out = {k: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else float("nan")
+           for k, v in stats.items() if not k.startswith("mismatch") and k != "tokens"}
+    out["loss"] = float(np.sum(stats["loss"])) / ppo_epochs
+    out["skipped_steps"] = float(np.sum(stats["skipped_steps"]))
+    out["vllm_logp_abs_diff"] = sum(stats["mismatch_abs_sum"]) / max(tokens, 1.0)
+    out["vllm_kl"] = sum(stats["mismatch_k3_sum"]) / max(tokens, 1.0)
     return out
 
 
@@ -574,16 +736,68 @@ def fail_together(accelerator, error: BaseException | None) -> None:
         raise error
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+# =============================================================================================
+# 10. Rewards of a batch, and validation
+# =============================================================================================
+def score_responses(responses: list[str], rows: list[dict], args: Args, judge, pool) -> dict[str, list]:
+    """Every reward term of every response: name -> list (B*G,). r_v entries are None where the
+    judge gave no verdict. The judge's requests run in a worker thread while the cheap terms run
+    here (math-verify's timeouts need the main thread). Raises the judge's error, if any."""
+    table = reward_table(args)
+    future = None
+    if "visual" in table:
+        future = pool.submit(judge.score, [row.get("visual_key_info") or "" for row in rows], responses)
+    terms = {name: [fn(resp, row) for resp, row in zip(responses, rows)]
+             for name, (_, fn) in table.items() if fn is not None}
+    if future is not None:
+        terms["visual"] = future.result()
+    return {name: terms[name] for name in table}  # table order
 
-    def __exit__(self, *exc):
-        return False
+
+def validate(llm, judge, pool, processor, val_rows: list[dict], args: Args, accelerator, step: int,
+             forbidden_ids: list[int]) -> dict[str, float]:
+    """Greedy responses to the validation rows (split over processes), scored with the training
+    rewards and the judge. Writes <output_dir>/val/step-<step>.jsonl (one row per problem, the
+    fields `evaluate.py compare` reads) and returns val/* metrics."""
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    local_rows = val_rows[rank::world]
+    images = [data.row_images(r, args.min_pixels, args.max_pixels) for r in local_rows]
+    prompts = [data.build_prompt(processor, r["problem"], len(im)) for r, im in zip(local_rows, images)]
+    ids, _ = generate_rollouts(llm, prompts, images, args, f"val{step}-r{rank}", forbidden_ids, n=1, greedy=True)
+    responses = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    error, terms = None, {}
+    try:
+        terms = score_responses(responses, local_rows, args, judge, pool)
+    except Exception as e:  # the judge's guard or client: stop every rank together
+        error = e
+    fail_together(accelerator, error)
+    records = [{"benchmark": "val", "id": str(row.get("id", row["_index"])), "prompt": prompt, "response": resp,
+                "gold": str(row["answer"]), "correct": terms["accuracy"][k] == 1.0,
+                "r_v": terms.get("visual", [None] * len(responses))[k] if has_annotations(row.get("visual_key_info"))
+                else None, "rewards": {name: vals[k] for name, vals in terms.items()}}
+               for k, (row, prompt, resp) in enumerate(zip(local_rows, prompts, responses))]
+    records = gather_object(records) if world > 1 else records  # PLUMBING: all rows on every rank
+    if accelerator.is_main_process:
+        data.write_jsonl(Path(args.output_dir) / "val" / f"step-{step}.jsonl", records)
+    return val_metrics(records)
+
+
+def val_metrics(records: list[dict]) -> dict[str, float]:
+    """val/accuracy, val/format, val/visual (rows with facts and a verdict), val/<term> means."""
+    out = {"val/accuracy": float(np.mean([r["correct"] for r in records])), "val/n": float(len(records))}
+    for name in records[0]["rewards"]:
+        vals = [r["rewards"][name] for r in records if r["rewards"][name] is not None]
+        out[f"val/{name}"] = float(np.mean(vals)) if vals else float("nan")
+    judged = [r["r_v"] for r in records if r["r_v"] is not None]
+    if "visual" in records[0]["rewards"]:
+        out["val/visual"] = float(np.mean(judged)) if judged else float("nan")
+    return out
 
 
 # =============================================================================================
-# 10. Weight sync, checkpoints, logging (plumbing)
+# 11. Weight sync, checkpoints, logging (plumbing)
 # =============================================================================================
 def sync_weights_to_vllm(accelerator, model, llm) -> None:
     """Push the policy's current weights into the colocated vLLM engine.
@@ -607,6 +821,19 @@ def sync_weights_to_vllm(accelerator, model, llm) -> None:
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
     llm.reset_mm_cache()
+
+
+def configure_deepspeed(accelerator, args: Args) -> None:
+    """Fill the DeepSpeed settings that must equal our arguments, so the launch line stays plain.
+
+    accelerate.prepare() needs `train_micro_batch_size_per_gpu` (it would otherwise read it from a
+    dataloader, and we have none); DeepSpeed clips gradients itself with `gradient_clipping`.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch_size
+    plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
 
 
 def save_checkpoint(accelerator, model, processor, out: Path, step: int, data_state: dict) -> Path:
@@ -669,17 +896,18 @@ class Logger:
                 self.tb.add_scalar(k, v, step)
         if self.wandb:
             self.wandb.log(metrics, step=step)
-        keys = ["reward/total", "reward/accuracy", "reward/format", "reward/visual", "reward/repetition",
-                "train/loss", "train/entropy", "perf/step_s"]
-        print(f"step {step:>5} " + " ".join(f"{k.split('/')[1]}={metrics[k]:.3f}" for k in keys if k in metrics),
-              flush=True)
+        keys = [k for k in metrics if k.startswith(("reward/", "val/"))] + ["train/loss", "train/entropy",
+                                                                            "rollout/vllm_kl", "perf/step_s"]
+        print(f"step {step:>5} " + " ".join(f"{k.split('/', 1)[1] if k.startswith('reward/') else k}="
+                                           f"{metrics[k]:.3f}" for k in keys if k in metrics), flush=True)
 
     def samples(self, step: int, rows: list[dict]) -> None:
-        if not self.main:
+        """A markdown table of sample completions with every reward term (columns from the rows)."""
+        if not self.main or not rows:
             return
-        table = "| reward | acc | fmt | vis | rep | response |\n|---|---|---|---|---|---|\n" + "\n".join(
-            f"| {r['reward']:.2f} | {r['acc']:.0f} | {r['fmt']:.0f} | {r['vis']:.2f} | {r['rep']:.2f} | "
-            f"{r['response'][:300]!r} |" for r in rows)
+        cols = [c for c in rows[0] if c != "response"]
+        table = ("| " + " | ".join(cols) + " | response |\n" + "|---" * (len(cols) + 1) + "|\n" + "\n".join(
+            "| " + " | ".join(f"{r[c]:.2f}" for c in cols) + f" | {r['response'][:300]!r} |" for r in rows))
         if self.tb:
             self.tb.add_text("samples", table, step)
         if self.wandb:
@@ -712,179 +940,212 @@ def run_config(args: Args) -> dict:
 
 
 # =============================================================================================
-# 11. main
+# 12. main: setup helpers, then the loop
 # =============================================================================================
-def main(args: Args) -> None:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+def build_policy(args: Args, accelerator, total_steps: int):
+    """Processor, policy (float32 master weights), optional frozen reference, AdamW and the
+    warm-up-then-constant schedule, prepared by accelerate."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, get_constant_schedule_with_warmup
 
-    # step_scheduler_with_optimizer=False: accelerate would otherwise step the LR schedule once
-    # per process on every call (8x too fast on 8 GPUs).
-    accelerator = Accelerator(step_scheduler_with_optimizer=False)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    # float32 master weights: an AdamW update at lr 1e-6 is far below bf16's resolution and would
+    # round away. bf16 compute comes from accelerate's mixed_precision (configs/*.yaml).
+    processor = AutoProcessor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref_model = None
+    if args.kl_coef > 0:  # no reference model at all when KL is off (official default)
+        ref_model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
+        ref_model.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_constant_schedule_with_warmup(  # counted in optimizer steps
+        optimizer, math.ceil(args.warmup_ratio * total_steps * args.ppo_epochs))
+    configure_deepspeed(accelerator, args)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if ref_model is not None:
+        ref_model = ref_model.to(accelerator.device)
+    return processor, model, ref_model, optimizer, scheduler
 
-    # --- derived sizes, checked loudly -------------------------------------------------------
-    rows = load_train_rows(args)
+
+def check_sizes(args: Args, num_rows: int, world: int) -> tuple[int, int]:
+    """(steps per epoch, total steps), failing loudly on sizes that cannot work."""
     if args.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={args.prompts_per_step} must be divisible by the number "
                          f"of processes ({world})")
     if args.tensor_parallel_size > 1 and world > 1:
         raise ValueError("tensor_parallel_size > 1 with several training processes is not supported: every "
                          "rank of a vLLM tensor-parallel group would need identical requests")
-    local_prompts = args.prompts_per_step // world  # prompts each process rolls out
-    steps_per_epoch = len(rows) // args.prompts_per_step
+    steps_per_epoch = num_rows // args.prompts_per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"dataset has {len(rows)} rows, fewer than prompts_per_step={args.prompts_per_step}")
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    max_images = max(len(r["images"]) for r in rows)
+        raise ValueError(f"dataset has {num_rows} rows, fewer than prompts_per_step={args.prompts_per_step}")
+    return steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch
+
+
+def build_samples(processor, prompts, images, rows, completion_ids, vllm_logps, advantages, args: Args) -> list[dict]:
+    """Training samples: the processor's prompt ids (image tokens expanded) + vLLM's completion ids.
+    Raises ValueError naming the row when a prompt exceeds max_prompt_length (never truncated)."""
+    G, eos = args.group_size, processor.tokenizer.eos_token_id
+    samples = []
+    for p, (prompt, imgs, row) in enumerate(zip(prompts, images, rows)):
+        enc = processor(text=[prompt], images=imgs, return_tensors="pt")
+        prompt_ids = enc["input_ids"][0].tolist()
+        if len(prompt_ids) > args.max_prompt_length:
+            raise ValueError(f"{data.row_name(row)}: prompt has {len(prompt_ids)} tokens, more than "
+                             f"max_prompt_length={args.max_prompt_length} (prompts with image tokens are never "
+                             "truncated; lower max_pixels or raise the limit)")
+        for i in range(p * G, (p + 1) * G):
+            empty = not completion_ids[i]  # an empty completion trains on one EOS token (log-prob unknown: 0)
+            samples.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids[i] or [eos],
+                            "mm_token_type_ids": enc["mm_token_type_ids"][0].tolist(),
+                            "vllm_logps": vllm_logps[i] if not empty else [0.0],
+                            "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"],
+                            "advantage": float(advantages[i])})
+    return samples
+
+
+def step_metrics(accelerator, terms: dict, rewards, advantages, failed, has_facts, completion_ids,
+                 train_stats: dict, lr: float, times: dict, args: Args) -> dict[str, float]:
+    """Every logged number of a step (README glossary), averaged over processes."""
+    G = args.group_size
+    lengths = torch.tensor([float(len(c)) for c in completion_ids])
+    judged = has_facts & ~failed
+    local = {f"reward/{name}": r.mean() for name, r in terms.items()}
+    if "visual" in terms:  # rows with facts whose judgement succeeded
+        local["reward/visual"] = terms["visual"][judged].mean() if judged.any() else torch.tensor(0.0)
+        local["judge/failed_responses"] = failed.float().mean()
+    local.update({
+        "reward/total": rewards.mean(),
+        "adv/mean": advantages.mean(), "adv/std": advantages.std(), "adv/abs_max": advantages.abs().max(),
+        "adv/zero_spread_groups": (rewards.view(-1, G).std(1) < 1e-8).float().mean() if G > 1 else torch.tensor(1.0),
+        "completion/length_mean": lengths.mean(), "completion/length_max": lengths.max(),
+        "completion/truncated": (lengths >= args.max_response_length).float().mean(),
+        "rollout/vllm_logp_abs_diff": torch.tensor(train_stats.pop("vllm_logp_abs_diff")),
+        "rollout/vllm_kl": torch.tensor(train_stats.pop("vllm_kl")),
+        **{f"train/{k}": torch.tensor(v) for k, v in train_stats.items()},
+        "train/lr": torch.tensor(lr), **{f"perf/{k}": torch.tensor(v) for k, v in times.items()},
+    })
+    stacked = torch.stack([v.float() for v in local.values()]).to(accelerator.device)
+    reduced = accelerator.reduce(stacked, reduction="mean")  # PLUMBING: mean over processes
+    return {k: float(v) for k, v in zip(local, reduced)}
+
+
+def sample_table(terms: dict, rewards, responses: list[str], G: int) -> list[dict]:
+    """Up to 8 responses (two per group) with their total reward and every reward term."""
+    picks = list(range(0, len(responses), max(1, G // 2)))[:8]
+    return [{"reward": float(rewards[i]), **{name: float(r[i]) for name, r in terms.items()},
+             "response": responses[i]} for i in picks]
+
+
+def main(args: Args) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # step_scheduler_with_optimizer=False: accelerate would otherwise step the LR schedule once
+    # per process on every call (8x too fast on 8 GPUs).
+    accelerator = Accelerator(step_scheduler_with_optimizer=False)
+    rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)  # PLUMBING: per-rank seed offset
-
-    # --- models --------------------------------------------------------------------------------
-    # The policy keeps float32 master weights: an AdamW update at lr 1e-6 is far below bf16's
-    # resolution and would round away. bf16 compute comes from accelerate's mixed_precision
-    # (configs/*.yaml); `--dtype` is the rollout engine's dtype.
-    dtype = torch.float32
-    processor = AutoProcessor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    tokenizer = processor.tokenizer
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    ref_model = None
-    if args.kl_coef > 0:  # no reference model at all when KL is off (official default)
-        ref_model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).eval()
-        ref_model.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(  # counted in optimizer steps
-        optimizer, math.ceil(args.warmup_ratio * total_steps * args.ppo_epochs))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if ref_model is not None:
-        ref_model = ref_model.to(accelerator.device)
+    rows = load_checked_rows(accelerator, args.dataset, args.split, args, "training")
+    val_rows = (load_checked_rows(accelerator, args.val_dataset, args.val_split, args, "validation", args.val_limit)
+                if args.val_dataset else [])
+    steps_per_epoch, total_steps = check_sizes(args, len(rows), world)
+    local_prompts, G = args.prompts_per_step // world, args.group_size
+    processor, model, ref_model, optimizer, scheduler = build_policy(args, accelerator, total_steps)
+    tokenizer, forbidden_ids = processor.tokenizer, vision_token_ids(processor.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    forbidden_ids = [i for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                                 "<|video_pad|>") if (i := tokenizer.convert_tokens_to_ids(t)) is not None
-                     and i != tokenizer.unk_token_id]
 
-    # --- resume ---------------------------------------------------------------------------------
-    out = Path(args.output_dir)
-    start_step = 0
+    out, start_step = Path(args.output_dir), 0
     if args.resume and (ckpt := latest_checkpoint(out)) is not None:
         accelerator.load_state(str(ckpt / "accelerate"))
         start_step = json.loads((ckpt / "state.json").read_text())["step"]
         accelerator.print(f"resumed from {ckpt} at step {start_step}")
 
-    # --- judge first (fail fast, naming the URL, before the engine starts), then vLLM ---------------
-    judge = build_judge(args.judge) if args.w_vis != 0 else None
-    if judge is not None:
-        judge.health_check()
+    # the judge first (build_judge health-checks it, naming the URL), then the vLLM engine
+    judge = build_judge(args.judge) if "visual" in reward_table(args) else None
+    max_images = max(len(r["images"]) for r in rows + val_rows)
     llm = build_vllm(args, rank, world, max_images)
     if start_step > 0:
-        sync_weights_to_vllm(accelerator, model, llm)
-    judge_pool = ThreadPoolExecutor(max_workers=1)
+        sync_weights_to_vllm(accelerator, model, llm)  # PLUMBING: the engine starts from the base model
+    pool = ThreadPoolExecutor(max_workers=1)  # the judge's thread
     logger = Logger(args, accelerator, run_config(args))
+    run_val = lambda s: validate(llm, judge, pool, processor, val_rows, args, accelerator, s, forbidden_ids)  # noqa: E731
+    if val_rows and args.val_before_train and start_step == 0:
+        logger.log(0, run_val(0))
 
     for step in range(start_step, total_steps):
         t0 = time.time()
-        # 1) this process's prompts ------------------------------------------------------------
+        # 1) this process's prompts
         idx = batch_indices(len(rows), step, args.prompts_per_step, args.seed)
         local_rows = [rows[i] for i in idx[rank * local_prompts:(rank + 1) * local_prompts]]
         local_images = [data.row_images(r, args.min_pixels, args.max_pixels) for r in local_rows]
         prompts = [data.build_prompt(processor, r["problem"], len(im)) for r, im in zip(local_rows, local_images)]
 
-        # 2) rollouts: G responses per prompt, groups contiguous ---------------------------------
-        completion_ids = generate_rollouts(llm, prompts, local_images, args, step, rank, forbidden_ids)
+        # 2) rollouts: G responses per prompt, groups contiguous, with vLLM's log-prob per token
+        completion_ids, vllm_logps = generate_rollouts(llm, prompts, local_images, args, f"s{step}-r{rank}",
+                                                       forbidden_ids, n=G, seed=rollout_seed(args, step, rank))
         if args.vllm_sleep:
             llm.sleep(level=2)  # PLUMBING: drop KV cache and weights (the sync rewrites them)
         responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         t_gen = time.time() - t0
 
-        # 3) rewards: judge requests in a worker thread while the cheap rewards run here -----------
-        G = args.group_size
-        facts = [r["visual_key_info"] if args.w_vis != 0 else "" for r in local_rows for _ in range(G)]
-        judge_future = judge_pool.submit(judge.score, facts, responses) if judge is not None else None
-        r_acc = torch.tensor([accuracy_reward(resp, str(local_rows[i // G]["answer"])) for i, resp in enumerate(responses)])
-        r_fmt = torch.tensor([format_reward(resp) for resp in responses])
-        r_rep = torch.tensor([repetition_penalty(resp, args.rep_ngram, args.rep_max_penalty) for resp in responses])
-        if judge_future is not None:
-            judged, error = None, None
-            try:
-                judged = judge_future.result()
-            except Exception as e:  # JudgeError from the failure guard, or the client itself
-                error = e
-            fail_together(accelerator, error)  # PLUMBING: every rank stops, none hangs
-            r_vis, judge_failed = impute_failed_judgements(judged, G)
-        else:
-            r_vis, judge_failed = torch.zeros(len(responses)), torch.zeros(len(responses), dtype=torch.bool)
-        has_facts = torch.tensor([len(split_annotations(f)) > 0 for f in facts])
-        rewards = mix_rewards(r_acc, r_fmt, r_vis, r_rep, args.w_acc, args.w_fmt, args.w_vis)  # ALGO (B*G,)
-        advantages = group_advantages(rewards, G, args.adv_eps)  # ALGO (B*G,)
+        # 3) rewards -> group advantages
+        error, raw = None, {}
+        try:
+            raw = score_responses(responses, [r for r in local_rows for _ in range(G)], args, judge, pool)
+        except Exception as e:  # JudgeError from the failure guard, or the client itself
+            error = e
+        fail_together(accelerator, error)  # PLUMBING: every rank stops, none hangs
+        terms = {name: torch.tensor(v, dtype=torch.float32) for name, v in raw.items() if name != "visual"}
+        failed = torch.zeros(len(responses), dtype=torch.bool)
+        if "visual" in raw:  # ALGO: a failed judgement gets its group's mean r_v (deviation 1)
+            terms["visual"], failed = impute_failed_judgements(raw["visual"], G)
+        terms = {name: terms[name] for name in raw}  # table order
+        has_facts = torch.tensor([has_annotations(r.get("visual_key_info")) for r in local_rows for _ in range(G)])
+        weights = {name: w for name, (w, _) in reward_table(args).items()}
+        rewards = mix_rewards(terms, weights)  # ALGO: R, (B*G,)
+        advantages = group_advantages(rewards, G, args.adv_eps)  # ALGO: A, (B*G,)
         t_reward = time.time() - t0 - t_gen
 
-        # 4) training samples: processor prompt ids + vLLM completion ids --------------------------
-        samples, error = [], None
-        for p, (prompt, imgs) in enumerate(zip(prompts, local_images)):
-            enc = processor(text=[prompt], images=imgs, return_tensors="pt")
-            prompt_ids = enc["input_ids"][0].tolist()
-            if len(prompt_ids) > args.max_prompt_length:
-                error = ValueError(f"{data.row_name(local_rows[p])}: prompt has {len(prompt_ids)} tokens, more "
-                                   f"than max_prompt_length={args.max_prompt_length} (prompts with image tokens "
-                                   "are never truncated; lower max_pixels or raise the limit)")
-                break
-            for g in range(G):
-                i = p * G + g
-                samples.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids[i] or [tokenizer.eos_token_id],
-                                "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"],
-                                "advantage": float(advantages[i])})
-
+        # 4) training samples: processor prompt ids + vLLM completion ids
+        error, samples = None, []
+        try:
+            samples = build_samples(processor, prompts, local_images, local_rows, completion_ids, vllm_logps,
+                                    advantages, args)
+        except ValueError as e:
+            error = e
         fail_together(accelerator, error)  # PLUMBING
 
-        # 5) policy update -------------------------------------------------------------------------
+        # 5) policy update
         model.train()
-        train_stats = train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples, args, pad_id)
+        train_stats = train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples, args, pad_id,
+                                     forbidden_ids)
         t_train = time.time() - t0 - t_gen - t_reward
 
-        # 6) new weights into vLLM -------------------------------------------------------------------
+        # 6) new weights into vLLM
         if args.vllm_sleep:
             llm.wake_up()  # PLUMBING: weights back on the GPU before they are overwritten
         sync_weights_to_vllm(accelerator, model, llm)  # PLUMBING
 
-        # 7) logging: every metric is averaged over processes (accelerator.reduce, mean) -------------
-        lengths = torch.tensor([float(len(c)) for c in completion_ids])
-        zero_spread = (rewards.view(-1, G).std(1) < 1e-8).float() if G > 1 else torch.ones(len(local_rows))
-        local = {
-            "reward/total": rewards.mean(), "reward/accuracy": r_acc.mean(), "reward/format": r_fmt.mean(),
-            "reward/visual": (r_vis[has_facts & ~judge_failed].mean() if (has_facts & ~judge_failed).any()
-                              else torch.tensor(0.0)),
-            "reward/repetition": r_rep.mean(),
-            "adv/mean": advantages.mean(), "adv/std": advantages.std(), "adv/abs_max": advantages.abs().max(),
-            "adv/zero_spread_groups": zero_spread.mean(),
-            "judge/failed_responses": judge_failed.float().mean(),
-            "completion/length_mean": lengths.mean(), "completion/length_max": lengths.max(),
-            "completion/truncated": (lengths >= args.max_response_length).float().mean(),
-            **{f"train/{k}": torch.tensor(v) for k, v in train_stats.items()},
-            "train/lr": torch.tensor(scheduler.get_last_lr()[0]),
-            "perf/generate_s": torch.tensor(t_gen), "perf/reward_s": torch.tensor(t_reward),
-            "perf/train_s": torch.tensor(t_train), "perf/step_s": torch.tensor(time.time() - t0),
-        }
-        stacked = torch.stack([v.float() for v in local.values()]).to(accelerator.device)
-        reduced = accelerator.reduce(stacked, reduction="mean")  # mean over processes
-        metrics = {k: float(v) for k, v in zip(local, reduced)}
+        # 7) validation, logging, sample table
+        done = step + 1 == total_steps
+        times = {"generate_s": t_gen, "reward_s": t_reward, "train_s": t_train, "step_s": time.time() - t0}
+        metrics = step_metrics(accelerator, terms, rewards, advantages, failed, has_facts, completion_ids,
+                               train_stats, scheduler.get_last_lr()[0], times, args)
         if judge is not None:
-            metrics.update({k: float(v) for k, v in judge.stats().items()})
-        if (step + 1) % args.log_every == 0:
+            metrics.update(judge.stats())
+        if val_rows and ((step + 1) % args.val_every == 0 or done):
+            metrics.update(run_val(step + 1))
+        if (step + 1) % args.log_every == 0 or done:
             logger.log(step + 1, metrics)
         if args.sample_every and (step + 1) % args.sample_every == 0:
-            logger.samples(step + 1, [{"reward": float(rewards[i]), "acc": float(r_acc[i]), "fmt": float(r_fmt[i]),
-                                       "vis": float(r_vis[i]), "rep": float(r_rep[i]), "response": responses[i]}
-                                      for i in range(0, len(responses), max(1, G // 2))][:8])
+            logger.samples(step + 1, sample_table(terms, rewards, responses, G))
 
-        # 8) checkpoint ---------------------------------------------------------------------------------
-        done = step + 1 == total_steps
+        # 8) checkpoint
         if done or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(accelerator, model, processor, out, step + 1,
                             {"epoch": (step + 1) // steps_per_epoch, "rows": len(rows)})
 
-    judge_pool.shutdown()
+    pool.shutdown()
     if judge is not None:
         judge.close()
     accelerator.print(f"done: {total_steps} steps, checkpoints in {out}")

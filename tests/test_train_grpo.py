@@ -4,6 +4,7 @@ and a dead judge stopping training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -99,12 +100,22 @@ def test_repetition_penalty_hand_computed_and_vs_naive():
             assert T.repetition_penalty(text, n) == pytest.approx(naive_repetition(text, n))
 
 
-def test_mix_rewards_uses_paper_weights():
+def test_reward_table_and_mix_use_paper_weights():
     args = T.Args()
-    assert (args.w_acc, args.w_fmt, args.w_vis) == (0.9, 0.1, 0.7)
-    R = T.mix_rewards(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([-0.2]),
-                      args.w_acc, args.w_fmt, args.w_vis)
-    assert R.item() == pytest.approx(0.9 + 0.1 + 0.35 - 0.2)
+    table = T.reward_table(args)
+    assert {name: w for name, (w, _) in table.items()} == {"accuracy": 0.9, "format": 0.1, "visual": 0.7,
+                                                             "repetition": 1.0}
+    terms = {"accuracy": torch.tensor([1.0, 0.0]), "format": torch.tensor([1.0, 1.0]),
+             "visual": torch.tensor([0.5, 1.0]), "repetition": torch.tensor([-0.2, 0.0])}
+    R = T.mix_rewards(terms, {name: w for name, (w, _) in table.items()})
+    assert R.tolist() == pytest.approx([0.9 + 0.1 + 0.35 - 0.2, 0.1 + 0.7])
+    # the functions of the table are the paper's reward functions
+    row = {"answer": "8", "visual_key_info": "<info1>AB = 3</info1>"}
+    assert table["accuracy"][1](GOOD, row) == T.accuracy_reward(GOOD, "8") == 1.0
+    assert table["format"][1](GOOD, row) == 1.0 and table["repetition"][1](GOOD, row) == 0.0
+    assert table["visual"][1] is None  # the judge scores it (judge.py)
+    # w_vis = 0 (the "without r_v" ablation) drops the term: no judge is built or asked
+    assert "visual" not in T.reward_table(T.Args(w_vis=0.0))
 
 
 def test_failed_judgements_are_imputed_with_the_group_mean_not_zero():
@@ -130,7 +141,7 @@ def test_group_advantages_vs_naive():
     assert adv[:G].abs().max().item() < 1e-4
 
 
-def naive_policy_loss(logps, old, adv, mask, el, eh, c, agg):
+def naive_policy_loss(logps, old, adv, mask, el, eh, c, agg, weights=None, num_tokens=None, num_seqs=None):
     per_seq, total, count = [], 0.0, 0.0
     for i in range(len(logps)):
         s, n = 0.0, 0.0
@@ -142,16 +153,21 @@ def naive_policy_loss(logps, old, adv, mask, el, eh, c, agg):
             loss = max(-a * r, -a * min(max(r, 1 - el), 1 + eh))
             if a < 0:
                 loss = min(loss, -a * c)
+            if weights is not None:
+                loss *= weights[i][t]
             s += loss
             n += 1
         total += s
         count += n
         per_seq.append(s / max(n, 1))
-    return total / count if agg == "token-mean" else sum(per_seq) / len(per_seq)
+    if agg == "token-mean":
+        return total / (count if num_tokens is None else num_tokens)
+    return sum(per_seq) / (len(per_seq) if num_seqs is None else num_seqs)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_policy_loss_vs_naive(agg):
+@pytest.mark.parametrize("with_tis", [False, True])
+def test_policy_loss_vs_naive(agg, with_tis):
     torch.manual_seed(1)
     N, C = 6, 7
     logps = -torch.rand(N, C) * 3
@@ -159,10 +175,23 @@ def test_policy_loss_vs_naive(agg):
     adv = torch.tensor([1.5, -2.0, 0.3, -0.1, 0.0, -3.0])
     mask = (torch.rand(N, C) > 0.3).float()
     mask[:, 0] = 1
-    loss, stats = T.policy_loss(logps, old, adv, mask, 0.2, 0.3, 3.0, agg)
-    expected = naive_policy_loss(logps.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.3, 3.0, agg)
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    vllm = old + torch.randn(N, C) * 0.5
+    w = T.tis_weights(old, vllm, cap=2.0) if with_tis else None
+    for num_tokens, num_seqs in ((None, None), (57.0, 11.0)):  # own counts, or those of a larger batch
+        loss, stats = T.policy_loss(logps, old, adv, mask, 0.2, 0.3, 3.0, agg, num_tokens, num_seqs, w)
+        expected = naive_policy_loss(logps.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.3, 3.0,
+                                     agg, None if w is None else w.tolist(), num_tokens, num_seqs)
+        assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert 0 < stats["clip_frac"].item() < 1
+
+
+def test_tis_weights_are_truncated_ratios_without_gradient():
+    old = torch.tensor([[-1.0, -2.0, -0.1]], requires_grad=True)
+    vllm = torch.tensor([[-1.5, -0.5, -0.1]])
+    w = T.tis_weights(old, vllm, cap=1.5)
+    for t in range(3):
+        assert w[0, t].item() == pytest.approx(min(math.exp(old[0, t].item() - vllm[0, t].item()), 1.5))
+    assert not w.requires_grad
 
 
 def test_policy_loss_gradient_is_advantage_weighted_at_ratio_one():
@@ -195,6 +224,22 @@ def test_token_logps_matches_full_log_softmax():
     full = logits.log_softmax(-1)
     assert torch.allclose(logps, full.gather(-1, targets.unsqueeze(-1)).squeeze(-1), atol=1e-6)
     assert torch.allclose(ent, -(full.exp() * full).sum(-1), atol=1e-5)
+    # at a sampling temperature the log-probs are those of softmax(logits / tau)
+    hot = T.token_logps(logits, targets, temperature=0.7)
+    assert torch.allclose(hot, (logits / 0.7).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+                          atol=1e-6)
+    # banned tokens (never sampled) are left out of the softmax: a naive renormalisation over the rest
+    banned = torch.tensor([2, 7])
+    lp, ent = T.token_logps(logits, targets, 0.7, with_entropy=True, banned_ids=banned)
+    for i in range(3):
+        for t in range(5):
+            allowed = [v for v in range(11) if v not in (2, 7)]
+            z = sum(math.exp(logits[i, t, v].item() / 0.7) for v in allowed)
+            probs = {v: math.exp(logits[i, t, v].item() / 0.7) / z for v in allowed}
+            tok = targets[i, t].item()
+            expected = math.log(probs[tok]) if tok in probs else -math.inf
+            assert lp[i, t].item() == pytest.approx(expected, abs=1e-5)
+            assert ent[i, t].item() == pytest.approx(-sum(p * math.log(p) for p in probs.values()), abs=1e-5)
 
 
 def test_batch_indices_is_a_per_epoch_permutation_with_drop_last():
@@ -222,6 +267,7 @@ def _fake_samples(model_dir, demo_dir, n=4):
     for i in range(n):
         comp = torch.randint(10, 600, (3 + 2 * i,), generator=g).tolist()  # different lengths
         samples.append({"prompt_ids": enc["input_ids"][0].tolist(), "completion_ids": comp,
+                        "vllm_logps": [0.0] * len(comp), "mm_token_type_ids": enc["mm_token_type_ids"][0].tolist(),
                         "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"],
                         "advantage": [1.0, -0.5, 0.3, -1.2][i % 4]})
     return samples, processor.tokenizer.pad_token_id
@@ -237,47 +283,183 @@ def test_gradient_accumulation_invariance(tiny_model_dir, demo_dir, agg):
     for mbs in (4, 1):
         accelerator = Accelerator(cpu=True)
         model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         model, opt, sched = accelerator.prepare(model, opt, sched)
         args = T.Args(micro_batch_size=mbs, loss_agg=agg, max_grad_norm=1e9)
         T.train_on_batch(model, None, opt, sched, accelerator, samples, args, pad)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        grads.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())]))
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_non_finite_gradient_skips_the_update_and_counts_it(tiny_model_dir, demo_dir):
+    from accelerate import Accelerator
+    from transformers import AutoModelForImageTextToText
+
+    samples, pad = _fake_samples(tiny_model_dir, demo_dir)
+    samples[2]["advantage"] = float("nan")  # poisons the loss and every gradient
+    accelerator = Accelerator(cpu=True)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    stats = T.train_on_batch(model, None, opt, sched, accelerator, samples, T.Args(micro_batch_size=2), pad)
+    assert stats["skipped_steps"] == 1.0 and math.isnan(stats["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert sched.scheduler.last_epoch == 1  # the schedule still counts the update, as the official trainer
+    samples[2]["advantage"] = 0.5  # a finite batch trains again
+    stats = T.train_on_batch(model, None, opt, sched, accelerator, samples, T.Args(micro_batch_size=2), pad)
+    assert stats["skipped_steps"] == 0.0 and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+def test_one_token_mean_over_processes(tiny_model_dir, demo_dir, tmp_path):
+    """16 responses of unequal lengths trained as 1 process and as 2 processes of 8 give the same
+    loss and the same updated parameters (token-mean and seq-mean)."""
+    from conftest import free_port
+
+    results = {}
+    for procs in (1, 2):
+        out = tmp_path / f"p{procs}.pt"
+        run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(procs),
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+             "--main_process_port", str(free_port()), str(ROOT / "tests" / "dist_update_worker.py"),
+             str(tiny_model_dir), str(demo_dir), str(out)], timeout=600)
+        results[procs] = torch.load(out)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        one, two = results[1][agg], results[2][agg]
+        assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+        assert (two["params"] - one["params"]).abs().max().item() < 1e-5, agg
+    # and the update did move the parameters (AdamW, lr 1e-3)
+    from transformers import AutoModelForImageTextToText
+
+    base = torch.cat([p.detach().flatten() for p in
+                      AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).parameters()])
+    assert (results[1]["token-mean"]["params"] - base).abs().max().item() > 1e-4
+
+
+def test_every_bad_row_is_reported_at_once(demo_dir, tmp_path):
+    import data
+
+    rows = data.read_jsonl(demo_dir / "train.jsonl")[:8]
+    for r in rows:
+        r["images"] = [str(demo_dir / r["images"][0])]
+    good_png = Path(rows[0]["images"][0]).read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good_png[:len(good_png) // 2])
+    (tmp_path / "garbage.png").write_bytes(b"not an image at all")
+    rows[1]["images"] = [str(tmp_path / "missing.png")]
+    rows[2]["images"] = [str(tmp_path / "truncated.png")]
+    rows[3]["images"] = [{"bytes": b"\x89PNG garbage", "path": None}]
+    rows[4]["visual_key_info"] = ""
+    rows[5]["images"] = [str(tmp_path / "garbage.png")]
+    del rows[6]["answer"]
+    data.write_jsonl(tmp_path / "bad.jsonl", rows)
+    loaded = data.load_rows(str(tmp_path / "bad.jsonl"))
+    bad = data.find_bad_rows(loaded, require_facts=True, workers=4, progress=False)
+    assert sorted(bad) == [1, 2, 3, 4, 5, 6]
+    assert "image file not found" in bad[1][0] and "row 1 (id=" in bad[1][0]
+    assert "cannot be opened" in bad[2][0] and "'images'[0]" in bad[2][0]
+    assert "cannot be opened" in bad[3][0] and "cannot be opened" in bad[5][0]
+    assert "visual_key_info" in bad[4][0] and "missing field 'answer'" in bad[6][0]
+    # facts are only required when r_v is on
+    assert 4 not in data.find_bad_rows(loaded, require_facts=False, progress=False)
+
+
+@pytest.mark.slow
+def test_bad_rows_stop_the_run_before_the_engine_listing_all_of_them(tiny_model_dir, demo_dir, tmp_path):
+    import data
+
+    rows = data.read_jsonl(demo_dir / "train.jsonl")[:8]
+    for r in rows:
+        r["images"] = [str(demo_dir / r["images"][0])]
+    rows[5]["visual_key_info"] = ""
+    rows[7]["images"] = [str(tmp_path / "gone.png")]
+    data.write_jsonl(tmp_path / "bad.jsonl", rows)
+    cmd = tiny_run_args(tiny_model_dir, demo_dir, tmp_path / "bad", steps=1)
+    cmd[cmd.index(str(demo_dir / "train.jsonl"))] = str(tmp_path / "bad.jsonl")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode != 0
+    assert "2 of 8 training rows are unusable" in out.stderr
+    assert "row 5 (id=demo-train-00005)" in out.stderr and "visual_key_info" in out.stderr
+    assert "row 7 (id=demo-train-00007)" in out.stderr and "gone.png" in out.stderr
+    assert "--skip_bad_rows" in out.stderr
+    assert "vllm" not in out.stdout.lower()  # stopped before the engine started
+
+
+def test_judge_health_check_runs_once_and_can_be_turned_off(tiny_model_dir, demo_dir, monkeypatch):
+    """main() health-checks the judge exactly once (inside build_judge), and not at all with
+    --judge.health_check False. The engine start is replaced by a sentinel to stop early."""
+    import judge
+
+    calls = []
+    monkeypatch.setattr(judge.Judge, "health_check", lambda self: calls.append(self.args.base_urls))
+
+    class Stop(Exception):
+        pass
+
+    def no_engine(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(T, "build_vllm", no_engine)
+    for flag, expected in ((True, 1), (False, 0)):
+        calls.clear()
+        args = T.Args(model=str(tiny_model_dir), dataset=str(demo_dir / "train.jsonl"), prompts_per_step=4,
+                      max_pixels=50_176, output_dir=str(demo_dir / "unused"),
+                      judge=T.JudgeArgs(backend="openai", base_urls=("http://127.0.0.1:9/v1",), health_check=flag))
+        with pytest.raises(Stop):
+            T.main(args)
+        assert len(calls) == expected
 
 
 # ---------------------------------------------------------------------------------------------
 # Weight sync: after pushing new weights, vLLM agrees with the HF policy
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_weight_sync_makes_vllm_agree_with_the_policy(tiny_model_dir, demo_dir, tmp_path):
-    from accelerate import Accelerator
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from vllm import SamplingParams
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, demo_dir):
+    """One colocated-style vLLM engine on the tiny model for the tests below (each starts by
+    pushing its own weights), with a demo prompt and its image."""
+    from transformers import AutoProcessor
 
     import data
 
-    accelerator = Accelerator(cpu=True)
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     args = T.Args(model=str(tiny_model_dir), max_prompt_length=1024, max_response_length=64, max_pixels=50_176)
     llm = T.build_vllm(args, 0, 1, 1)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
     row = data.load_rows(str(demo_dir / "test.jsonl"))[1]
     imgs = data.row_images(row, 3136, 50_176)
-    prompt = data.build_prompt(processor, row["problem"], 1)
-    inputs = processor(text=[prompt], images=imgs, return_tensors="pt")
+    return {"llm": llm, "args": args, "processor": processor, "images": imgs,
+            "prompt": data.build_prompt(processor, row["problem"], 1)}
+
+
+def _policy(tiny_model_dir):
+    from accelerate import Accelerator
+    from transformers import AutoModelForImageTextToText
+
+    return Accelerator(cpu=True), AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.slow
+def test_weight_sync_makes_vllm_agree_with_the_policy(engine, tiny_model_dir):
+    from vllm import SamplingParams
+
+    accelerator, model = _policy(tiny_model_dir)
+    T.sync_weights_to_vllm(accelerator, model, engine["llm"])
+    inputs = engine["processor"](text=[engine["prompt"]], images=engine["images"], return_tensors="pt")
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     def vllm_tokens(tag):
-        req = {"prompt": prompt, "multi_modal_data": {"image": imgs}, "multi_modal_uuids": {"image": [tag]}}
-        return list(llm.generate([req], greedy, use_tqdm=False)[0].outputs[0].token_ids)
+        req = {"prompt": engine["prompt"], "multi_modal_data": {"image": engine["images"]},
+               "multi_modal_uuids": {"image": [tag]}}
+        return list(engine["llm"].generate([req], greedy, use_tqdm=False)[0].outputs[0].token_ids)
 
     def hf_tokens():
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False, min_new_tokens=12)
         return out[0, inputs["input_ids"].shape[1]:].tolist()
 
-    before = vllm_tokens("a")
+    before = vllm_tokens("sync-a")
     assert before == hf_tokens()
     with torch.no_grad():  # a large change to every weight, vision tower included
         g = torch.Generator().manual_seed(7)
@@ -285,8 +467,60 @@ def test_weight_sync_makes_vllm_agree_with_the_policy(tiny_model_dir, demo_dir, 
             p.add_(torch.randn(p.shape, generator=g) * 0.5 * (p.std() if p.numel() > 1 else 1.0))
     after_hf = hf_tokens()
     assert after_hf != before
-    T.sync_weights_to_vllm(accelerator, model, llm)
-    assert vllm_tokens("b") == after_hf
+    T.sync_weights_to_vllm(accelerator, model, engine["llm"])
+    assert vllm_tokens("sync-b") == after_hf
+
+
+def _rollout_logps(engine, model, tag, temperature):
+    """Sample 4 responses with vLLM at `temperature`; return vLLM's log-probs, the policy's log-probs
+    of the same tokens at that temperature, the mask (all (N, T)) and the collated micro-batch."""
+    args = dataclasses.replace(engine["args"], temperature=temperature, group_size=4, max_response_length=24)
+    tok = engine["processor"].tokenizer
+    ids, vllm_logps = T.generate_rollouts(engine["llm"], [engine["prompt"]], [engine["images"]], args, tag,
+                                          T.vision_token_ids(tok), n=4, seed=11)
+    enc = engine["processor"](text=[engine["prompt"]], images=engine["images"], return_tensors="pt")
+    samples = [{"prompt_ids": enc["input_ids"][0].tolist(), "completion_ids": c, "vllm_logps": lp,
+                "mm_token_type_ids": enc["mm_token_type_ids"][0].tolist(), "pixel_values": enc["pixel_values"],
+                "image_grid_thw": enc["image_grid_thw"], "advantage": 0.0}
+               for c, lp in zip(ids, vllm_logps)]
+    mb = T.collate(samples, tok.pad_token_id, T.vision_token_ids(tok))
+    with torch.no_grad():
+        logps = T.forward_logps(model, mb, temperature)
+    return mb["vllm_logps"], logps, mb["completion_mask"], mb
+
+
+@pytest.mark.slow
+def test_policy_logps_at_the_sampling_temperature_equal_vllms(engine, tiny_model_dir):
+    accelerator, model = _policy(tiny_model_dir)
+    T.sync_weights_to_vllm(accelerator, model, engine["llm"])
+    vllm_lp, lp, mask, mb = _rollout_logps(engine, model, "temp-a", temperature=0.7)
+    assert mask.sum() > 20
+    assert ((vllm_lp - lp).abs() * mask).max().item() < 1e-3
+    with torch.no_grad():  # without the temperature the same tokens get other log-probs
+        untempered = T.forward_logps(model, mb, 1.0)
+    assert ((vllm_lp - untempered).abs() * mask).sum() / mask.sum() > 0.05
+
+
+@pytest.mark.slow
+def test_rollout_mismatch_is_zero_after_a_sync_and_jumps_without_one(engine, tiny_model_dir):
+    accelerator, model = _policy(tiny_model_dir)
+    T.sync_weights_to_vllm(accelerator, model, engine["llm"])
+
+    def mismatch(tag):
+        vllm_lp, lp, mask, _ = _rollout_logps(engine, model, tag, temperature=1.0)
+        n = mask.sum()
+        return float(((vllm_lp - lp).abs() * mask).sum() / n), float((T.k3_kl(vllm_lp, lp) * mask).sum() / n)
+
+    synced = mismatch("mm-a")
+    assert synced[0] < 1e-3 and synced[1] < 1e-3
+    with torch.no_grad():  # an update the engine does not get
+        for p in model.parameters():
+            p.mul_(1.3)
+    stale = mismatch("mm-b")
+    assert stale[0] > 0.05 and stale[1] > 1e-3, stale
+    T.sync_weights_to_vllm(accelerator, model, engine["llm"])
+    again = mismatch("mm-c")
+    assert again[0] < 1e-3 and again[1] < 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,18 +546,44 @@ def metrics(out_dir):
 
 
 @pytest.mark.slow
-def test_end_to_end_run_writes_a_loadable_checkpoint_and_changes_weights(tiny_model_dir, demo_dir, tmp_path):
+def test_end_to_end_run_with_validation_writes_a_loadable_checkpoint_and_changes_weights(
+        tiny_model_dir, demo_dir, tmp_path):
     from safetensors.torch import load_file
 
+    import data
+
+    rows = data.read_jsonl(demo_dir / "train.jsonl")[:12]
+    for r in rows:
+        r["images"] = [str(demo_dir / r["images"][0])]
+    rows[3]["images"] = [str(tmp_path / "gone.png")]  # dropped by --skip_bad_rows
+    data.write_jsonl(tmp_path / "train.jsonl", rows)
     out = tmp_path / "run"
-    res = run(tiny_run_args(tiny_model_dir, demo_dir, out, steps=2, extra=["--save_every", "1"]))
+    cmd = tiny_run_args(tiny_model_dir, demo_dir, out, steps=2,
+                        extra=["--save_every", "1", "--skip_bad_rows", "--val_dataset", str(demo_dir / "test.jsonl"),
+                               "--val_limit", "6", "--val_every", "1"])
+    cmd[cmd.index(str(demo_dir / "train.jsonl"))] = str(tmp_path / "train.jsonl")
+    res = run(cmd)
+    assert "dropping 1 of 12 training rows" in res.stdout and "gone.png" in res.stdout
     assert "samples at step 2" in res.stdout
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # validation before training, then one line per step
     for key in ("reward/total", "reward/accuracy", "reward/format", "reward/visual", "reward/repetition",
                 "adv/zero_spread_groups", "train/loss", "train/entropy", "train/clip_frac", "train/grad_norm",
-                "completion/length_mean", "perf/step_s", "judge/failure_rate"):
+                "train/skipped_steps", "rollout/vllm_logp_abs_diff", "rollout/vllm_kl",
+                "completion/length_mean", "perf/step_s", "judge/failure_rate",
+                "val/accuracy", "val/format", "val/visual", "val/repetition"):
         assert key in rows[-1], key
+    for r in rows[1:]:  # vLLM samples with exactly the weights being trained (float32 on CPU)
+        assert r["rollout/vllm_logp_abs_diff"] < 1e-3 and r["rollout/vllm_kl"] < 1e-3, r
+        assert r["train/skipped_steps"] == 0
+    for step in (0, 1, 2):
+        val = data.read_jsonl(out / "val" / f"step-{step}.jsonl")
+        assert len(val) == 6 and {"benchmark", "id", "response", "correct", "r_v", "rewards"} <= set(val[0])
+        assert rows[step]["val/n"] == 6
+        assert rows[step]["val/accuracy"] == pytest.approx(sum(v["correct"] for v in val) / 6)
+    cmp = run([sys.executable, str(ROOT / "evaluate.py"), "compare", str(out / "val" / "step-0.jsonl"),
+               str(out / "val" / "step-2.jsonl")], timeout=120)
+    assert "paired samples: 6" in cmp.stdout and "McNemar exact p=" in cmp.stdout
     assert list((out / "tensorboard").iterdir())
     ckpt = out / "checkpoint-2"
     assert (ckpt / "policy" / "model.safetensors").exists() and (ckpt / "state.json").exists()
@@ -364,6 +624,41 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_model_dir, demo_dir
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_launch_saves_resumes_and_matches_an_uninterrupted_run(config, tiny_model_dir, demo_dir, tmp_path):
+    """The README's launch line with each DeepSpeed config (one process: DeepSpeed through
+    accelerate on CPU runs single-process). A 3-step run saves at step 2; a copy of that step-2
+    checkpoint is resumed for step 3, which must match the uninterrupted run's step 3."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from conftest import free_port
+
+    def launch(out, extra):
+        cmd = tiny_run_args(tiny_model_dir, demo_dir, out, steps=3, extra=["--save_every", "2", *extra])
+        return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / config),
+                    "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+                    *cmd[1:]], timeout=600)
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    launch(full, [])
+    assert (full / "checkpoint-2" / "accelerate").is_dir() and (full / "checkpoint-3").is_dir()
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    res = launch(part, ["--resume"])
+    assert "resumed from" in res.stdout and "at step 2" in res.stdout
+    a, b = metrics(full)[-1], metrics(part)[-1]
+    assert a["step"] == b["step"] == 3
+    for key in ("reward/total", "reward/visual", "completion/length_mean", "train/loss", "train/entropy",
+                "train/grad_norm", "rollout/vllm_kl"):
+        assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    wa = load_file(full / "checkpoint-3" / "policy" / "model.safetensors")
+    wb = load_file(part / "checkpoint-3" / "policy" / "model.safetensors")
+    assert all((wa[k] - wb[k]).abs().max() < 1e-5 for k in wa)
+
+
+@pytest.mark.slow
 def test_dead_judge_endpoint_stops_training_with_a_clear_error(tiny_model_dir, demo_dir, tmp_path):
     from conftest import free_port
 
@@ -375,21 +670,6 @@ def test_dead_judge_endpoint_stops_training_with_a_clear_error(tiny_model_dir, d
     assert out.returncode != 0
     assert url.rsplit("/v1", 1)[0] in out.stderr
     assert not (tmp_path / "dead" / "metrics.jsonl").exists()  # no step trained on zeros
-
-
-@pytest.mark.slow
-def test_bad_row_fails_before_training_naming_the_row(tiny_model_dir, demo_dir, tmp_path):
-    import data
-
-    rows = data.read_jsonl(demo_dir / "train.jsonl")[:8]
-    for r in rows:
-        r["images"] = [str(demo_dir / r["images"][0])]
-    rows[5]["visual_key_info"] = ""
-    data.write_jsonl(tmp_path / "bad.jsonl", rows)
-    cmd = tiny_run_args(tiny_model_dir, demo_dir, tmp_path / "bad", steps=1)
-    cmd[cmd.index(str(demo_dir / "train.jsonl"))] = str(tmp_path / "bad.jsonl")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode != 0 and "row 5 (id=demo-train-00005)" in out.stderr and "visual_key_info" in out.stderr
 
 
 def test_help_documents_every_option():
@@ -447,17 +727,23 @@ def test_accelerate_launch_two_processes(tiny_model_dir, demo_dir, tmp_path):
 
 
 def test_forward_logps_equals_a_full_log_softmax(tiny_model_dir, demo_dir):
+    """Padded micro-batch (prompts and completions of different lengths) vs each sequence alone,
+    full logits, log-softmax over V: same log-probs. The reference passes the processor's
+    mm_token_type_ids, so both use Qwen2.5-VL's 3-D (M-RoPE) positions."""
     from transformers import AutoModelForImageTextToText
 
     samples, pad = _fake_samples(tiny_model_dir, demo_dir)
-    samples[1]["prompt_ids"] = samples[1]["prompt_ids"][:-3] + samples[1]["prompt_ids"][-2:]  # shorter prompt
+    for key in ("prompt_ids", "mm_token_type_ids"):  # a shorter prompt: one text token less
+        samples[1][key] = samples[1][key][:-3] + samples[1][key][-2:]
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     mb = T.collate(samples, pad)
     with torch.no_grad():
         logps = T.forward_logps(model, mb)
-        full = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], pixel_values=mb["pixel_values"],
-                     image_grid_thw=mb["image_grid_thw"]).logits.log_softmax(-1)
-    for i, s in enumerate(samples):
-        P = len(s["prompt_ids"])
-        for t, tok in enumerate(s["completion_ids"]):
-            assert logps[i, t].item() == pytest.approx(full[i, P - 1 + t, tok].item(), abs=1e-4)
+        for i, s in enumerate(samples):
+            ids = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
+            types = torch.tensor([s["mm_token_type_ids"] + [0] * len(s["completion_ids"])])
+            full = model(input_ids=ids, mm_token_type_ids=types, pixel_values=s["pixel_values"],
+                         image_grid_thw=s["image_grid_thw"]).logits[0].log_softmax(-1)
+            P = len(s["prompt_ids"])
+            for t, tok in enumerate(s["completion_ids"]):
+                assert logps[i, t].item() == pytest.approx(full[P - 1 + t, tok].item(), abs=1e-5)
