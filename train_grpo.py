@@ -52,6 +52,10 @@ Deviations from the paper / official code
        processor and vLLM see them, so both produce the same image tokens.
     5. Ours, off by default: truncated importance sampling (`--tis_cap`) against the
        rollout/trainer mismatch; the mismatch itself is always measured and logged.
+    6. The vision special tokens (<|image_pad|>, ...) are banned in sampling and left out of the
+       training softmax, so the trained distribution is the one vLLM sampled from. For
+       Qwen2.5-VL their probability inside a text response is ~0; a sampled one would break the
+       next forward pass.
 
 Shapes: B = prompts, G = responses per prompt, T = completion tokens (padded), V = vocabulary.
 Prefixes: `local_` = this process's share; no prefix = all processes; `mb_` = one micro-batch.
@@ -438,7 +442,7 @@ def tis_weights(old_logps: torch.Tensor, vllm_logps: torch.Tensor, cap: float) -
 # 7. Data: every row checked before the first step
 # =============================================================================================
 def load_checked_rows(accelerator, source: str, split: str, args: Args, what: str,
-                      limit: int | None = None) -> list[dict]:
+                      require_facts: bool, limit: int | None = None) -> list[dict]:
     """Load rows and check all of them (schema, and every image opened and verified) before any
     GPU time is spent. The check is sharded over processes and gathered. Bad rows are reported all
     at once (row, field, reason); the run stops unless --skip_bad_rows drops them."""
@@ -448,7 +452,7 @@ def load_checked_rows(accelerator, source: str, split: str, args: Args, what: st
     if not rows:
         raise ValueError(f"{source}: no rows")
     rank, world = accelerator.process_index, accelerator.num_processes
-    local = data.find_bad_rows(rows[rank::world], require_facts=args.w_vis != 0, desc=f"checking {what} rows",
+    local = data.find_bad_rows(rows[rank::world], require_facts, desc=f"checking {what} rows",
                                progress=accelerator.is_main_process)
     bad = dict(gather_object(list(local.items())) if world > 1 else local)  # PLUMBING: every rank sees all
     if not bad:
@@ -1045,9 +1049,9 @@ def main(args: Args) -> None:
     accelerator = Accelerator(step_scheduler_with_optimizer=False)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)  # PLUMBING: per-rank seed offset
-    rows = load_checked_rows(accelerator, args.dataset, args.split, args, "training")
-    val_rows = (load_checked_rows(accelerator, args.val_dataset, args.val_split, args, "validation", args.val_limit)
-                if args.val_dataset else [])
+    rows = load_checked_rows(accelerator, args.dataset, args.split, args, "training", require_facts=args.w_vis != 0)
+    val_rows = (load_checked_rows(accelerator, args.val_dataset, args.val_split, args, "validation",
+                                  require_facts=False, limit=args.val_limit) if args.val_dataset else [])
     steps_per_epoch, total_steps = check_sizes(args, len(rows), world)
     local_prompts, G = args.prompts_per_step // world, args.group_size
     processor, model, ref_model, optimizer, scheduler = build_policy(args, accelerator, total_steps)
