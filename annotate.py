@@ -50,11 +50,13 @@ Deviations from the paper
     5. Token counts in the progress bar come from the server's `usage` field when it sends one
        (read by hooking the shared judge.ChatClient's HTTP client; a hack, see UsageChatClient),
        else the bar counts reply characters.
-    6. Not a deviation but a caveat: the filter is the training scorer, so a gold answer that
-       math-verify cannot parse (bare LaTeX such as Geometry3K's "5 \sqrt { 3 }") makes every
-       solution score 0 and the problem is dropped, as training would never reward it anyway.
-       Such problems are flagged (`gold_parsable: false` in filter.jsonl) and counted
-       (`filter/gold_unparsable` in summary.json) so the loss is visible.
+    6. The filter is the training scorer (train_grpo.accuracy_reward) with the same gold policy
+       (`--gold_parse`). Under the official policy a bare-LaTeX gold answer such as Geometry3K's
+       "5 \sqrt { 3 }" is read as its trailing number 3: a *wrong* solution ending in \boxed{3} is
+       kept and a right one ending in \boxed{5\sqrt{3}} is dropped. The default ("latex") reads it
+       as 5*sqrt(3). summary.json counts the gold answers the two policies read differently
+       (`filter/gold_read_differently`), and filter.jsonl flags gold answers that do not even
+       match themselves (`gold_parsable: false`, counted in `filter/gold_unparsable`).
 
 Launch
     # CPU smoke test against any local OpenAI-compatible server (e.g. the tests' fake server):
@@ -154,6 +156,9 @@ class Args:
     answer_dotall: bool = False
     """passed to train_grpo.accuracy_reward: False = the official (non-DOTALL) answer regex, i.e.
     exactly what training rewards"""
+    gold_parse: str = "latex"
+    """how the gold answer is read (train_grpo --gold_parse): "latex" = bare LaTeX parsed as math
+    (ours), "official" = parsed as stored (the official code; misreads "5 \\sqrt { 3 }" as 3)"""
 
     # --- stage 3: extraction (text model) ---
     extract_model: str = "Qwen/Qwen2.5-32B-Instruct"
@@ -452,7 +457,7 @@ def choose_solution(solutions: Sequence[str], answer: str, score: Callable[[str,
 
 def run_filter(args: Args) -> dict:
     """Append one record per distilled problem to filter.jsonl with `kept` and the chosen solution."""
-    from train_grpo import accuracy_reward  # the training reward (math-verify, main thread)
+    from train_grpo import accuracy_reward, gold_parse_report  # the training scorer (math-verify, main thread)
 
     path = stage_path(args, "filter")
     distilled = [r for r in latest_records(stage_path(args, "distil")).values() if r["status"] == "ok"]
@@ -464,9 +469,9 @@ def run_filter(args: Args) -> dict:
             # ALGO: r_acc = math-verify(gold, solution), exactly as train_grpo scores rollouts
             scores, best = choose_solution(
                 rec["solutions"], rec["answer"],
-                lambda r, a: accuracy_reward(r, a, answer_dotall=args.answer_dotall))
+                lambda r, a: accuracy_reward(r, a, args.gold_parse, answer_dotall=args.answer_dotall))
             # a gold answer that cannot even match itself means the scorer cannot read it (caveat 6)
-            gold_parsable = accuracy_reward(f"\\boxed{{{rec['answer']}}}", rec["answer"]) == 1.0
+            gold_parsable = accuracy_reward(f"\\boxed{{{rec['answer']}}}", rec["answer"], args.gold_parse) == 1.0
             out = {k: rec[k] for k in ("key", "index", "id", "problem", "answer", "images",
                                        "distil_model", "distil_at")}
             data.append_jsonl(fh, {**out, "status": "ok", "kept": best is not None, "scores": scores,
@@ -478,9 +483,11 @@ def run_filter(args: Args) -> dict:
     recs = [r for r in latest_records(path).values() if r["status"] == "ok"]
     kept = sum(r["kept"] for r in recs)
     unparsable = sum(not r.get("gold_parsable", True) for r in recs)
+    differ, policy_note = gold_parse_report([str(r["answer"]) for r in recs], "filter", [f"key {r['key']}" for r in recs])
     print(f"filter: kept {kept} of {len(recs)} problems with a correct solution "
-          f"(paper: 1,442 of 2,101); {unparsable} gold answers the scorer cannot parse", flush=True)
-    return {"filter/total": len(recs), "filter/kept": kept, "filter/gold_unparsable": unparsable}
+          f"(paper: 1,442 of 2,101); {unparsable} gold answers the scorer cannot parse\n{policy_note}", flush=True)
+    return {"filter/total": len(recs), "filter/kept": kept, "filter/gold_unparsable": unparsable,
+            "filter/gold_read_differently": differ}
 
 
 # =============================================================================================

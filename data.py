@@ -29,14 +29,31 @@ from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
 
-# The instruction appended to every problem (our wording of the official prompt's requirements:
-# reasoning inside <think>, final answer inside <answer> with a \boxed{} value, tags on own lines).
+# The instruction appended to every problem: our paraphrase of the official prompt, with exactly its
+# requirements (reason first as an internal monologue; reasoning in <think> </think>; answer in
+# <answer> </answer>; final answer in \boxed{} inside the answer tags) and nothing more. In particular
+# it neither asks to describe the diagram (what r_v pays for) nor spells out the newlines that r_fmt
+# checks: the official run lets the model discover both through the rewards. The authors' exact text
+# is the SYSTEM_PROMPT of their training script and evaluation scripts (README, "Prompt"); pass it
+# with --instruction @FILE.
 INSTRUCTION = (
-    "First think through the problem step by step, describing what the diagram shows, inside "
-    "<think> </think> tags. Then write the final answer inside <answer> </answer> tags, with the "
-    "final value in \\boxed{}. Put every tag on its own line, like this:\n"
-    "<think>\nreasoning\n</think>\n<answer>\n\\boxed{value}\n</answer>"
+    "Reason through the problem privately, as an inner monologue, before you give the final answer. "
+    "Enclose that reasoning in <think> </think> tags and the answer in <answer> </answer> tags, and put "
+    "the final answer in \\boxed{} within the <answer> </answer> tags."
 )
+
+
+def resolve_instruction(value: str) -> str:
+    """An --instruction value: the text itself, or "@PATH" for the text of a file (one trailing
+    newline dropped), so a user can run the authors' exact instruction."""
+    if not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    if not path.is_file():
+        raise FileNotFoundError(f"--instruction {value}: no such file {path}")
+    text = path.read_text(encoding="utf-8")
+    return text[:-1] if text.endswith("\n") else text
+
 
 # Qwen2.5-VL: 14 px patches merged 2x2 -> one image token per 28x28 pixels.
 IMAGE_FACTOR = 28

@@ -35,8 +35,9 @@ Deviations from the paper / official code
        tags with K > m are ignored. r_v is the plain mean over usable verdicts (no 1e-6).
     2. A response whose usable verdicts cover less than `min_usable_fraction` of its facts
        (default 1.0: every fact needs a verdict) is a judge FAILURE (None), not a low reward.
-       Failed requests are also None (the official code silently gives 0). Failures are counted
-       (`judge/failure_rate`) and a run-level guard raises JudgeError when they persist.
+       Failed requests are also None (in the official code a failed request returns None, which
+       the next line dereferences: the run crashes). Failures are counted (`judge/failure_rate`)
+       and a run-level guard raises JudgeError when they persist.
     3. A row with no facts gets r_v = 0 as in the official code; `has_annotations` lets the
        trainer leave it out of the logged mean (`judge/no_annotation_rows` counts them).
     4. Identical (facts, response) pairs in one batch are judged once (same verdict at
@@ -518,6 +519,12 @@ class ChatClient:
                 "latency_max_s": max(lat) if lat else 0.0}
 
 
+def make_client(args: JudgeArgs) -> ChatClient:
+    """The chat client of a judge configuration (the openai backend; evaluate.py's answer judge)."""
+    return ChatClient(args.base_urls, args.model, args.api_key_env, args.max_concurrency, args.timeout_s,
+                      args.max_retries, args.backoff_base_s, args.backoff_max_s)
+
+
 # =============================================================================================
 # 4. Backends behind one interface: Judge.score(annotations, responses) -> list[float | None]
 # =============================================================================================
@@ -543,9 +550,7 @@ class Judge:
         self._lock = threading.Lock()
         self.counts = collections.Counter()
         self._window: collections.deque = collections.deque(maxlen=args.failure_window)
-        self.client = (ChatClient(args.base_urls, args.model, args.api_key_env, args.max_concurrency,
-                                  args.timeout_s, args.max_retries, args.backoff_base_s, args.backoff_max_s)
-                       if args.backend == "openai" else None)
+        self.client = make_client(args) if args.backend == "openai" else None
 
     # ---- backend hook
     def _generate(self, pairs: list[tuple[tuple[str, ...], str]], on_done=None) -> list[str | Exception]:

@@ -46,8 +46,9 @@ Deviations from the paper / official code
        whole rollout batch over all processes (one all-reduce), not of each micro-batch, so that
        gradient accumulation (1 x k vs k x 1) and the number of processes leave the gradient
        unchanged. With one micro-batch on one process the two are identical.
-    3. The instruction appended to each problem is our wording (data.INSTRUCTION) of the
-       official prompt's requirements; its format requirements are identical.
+    3. The instruction appended to each problem is our paraphrase (data.INSTRUCTION) with exactly
+       the official prompt's requirements and nothing more; `--instruction @FILE` runs the authors'
+       own text.
     4. Images are resized once to the Qwen2.5-VL grid (data.resize_image) before both the HF
        processor and vLLM see them, so both produce the same image tokens.
     5. Ours, off by default: truncated importance sampling (`--tis_cap`) against the
@@ -56,6 +57,9 @@ Deviations from the paper / official code
        training softmax, so the trained distribution is the one vLLM sampled from. For
        Qwen2.5-VL their probability inside a text response is ~0; a sampled one would break the
        next forward pass.
+    7. Gold answers without math delimiters are parsed as LaTeX math (`--gold_parse latex`): the
+       official parse(gold) reads Geometry3K's "5 \\sqrt { 3 }" as 3, so the wrong \\boxed{3} earned
+       r_acc = 1 and the right \\boxed{5\\sqrt{3}} 0. `--gold_parse official` restores it.
 
 Shapes: B = prompts, G = responses per prompt, T = completion tokens (padded), V = vocabulary.
 Prefixes: `local_` = this process's share; no prefix = all processes; `mb_` = one micro-batch.
@@ -119,6 +123,15 @@ class Args:
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """vLLM rollout dtype (paper: bf16; CPU runs use float32). The policy itself keeps float32
     master weights; its bf16 compute comes from accelerate's mixed_precision (configs/)"""
+    instruction: str = data.INSTRUCTION
+    """text appended to every problem (after one space), or @FILE to read it from a file. Default:
+    our paraphrase with exactly the official requirements; the authors' own text is the SYSTEM_PROMPT
+    of their training script (README, "Prompt")"""
+    gold_parse: Literal["latex", "official"] = "latex"
+    """how math-verify reads a gold answer: "latex" = an answer without math delimiters is parsed as
+    LaTeX math (ours: "5 \\sqrt { 3 }" -> 5*sqrt(3)); "official" = parsed as stored, as the official
+    code does (it keeps only the trailing 3, so the wrong \\boxed{3} scores 1). Bit-exact
+    reproduction: official"""
 
     # --- GRPO ---
     group_size: int = 8
@@ -225,6 +238,9 @@ class Args:
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     """metrics sink besides stdout and metrics.jsonl (wandb is opt-in)"""
 
+    def __post_init__(self):
+        self.instruction = data.resolve_instruction(self.instruction)  # @FILE -> its text
+
 
 # =============================================================================================
 # 2. Rewards (pure functions; defaults reproduce the official definitions)
@@ -248,24 +264,68 @@ def format_reward(response: str) -> float:
     return 1.0 if FORMAT_PATTERN.fullmatch(response) else 0.0
 
 
-def accuracy_reward(response: str, answer: str, answer_dotall: bool = False, timeout_s: int = 5) -> float:
-    """r_acc in {0, 1}: math-verify `verify(parse(gold), parse(given))` (gold first).
+_MATH_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
 
-    `given` is the <answer> block when the official regex finds one, else the whole response.
-    Any exception counts 0. math-verify's timeouts rely on signals, which only work in a
-    process's main thread: call this from the main thread (train_grpo does; the judge runs in a
-    worker thread) or pass timeout_s=None off it.
+
+def parse_gold(answer: str, gold_parse: str = "latex", timeout_s: int | None = 5):
+    """math-verify's reading of a gold answer.
+
+    "official": parse(answer) as stored, as the official code does. A bare-LaTeX answer is then
+    misread: parse("5 \\sqrt { 3 }") keeps only the trailing 3 (a quarter of Geometry3K's answers).
+    "latex" (default): an answer without math delimiters ($, \\(, \\[, \\boxed) is parsed as LaTeX
+    math, parse("$5 \\sqrt { 3 }$") -> 5*sqrt(3); plain numbers read the same either way.
     """
+    from math_verify import parse
+
+    if gold_parse == "latex" and not any(d in answer for d in _MATH_DELIMITERS):
+        answer = f"${answer}$"
+    elif gold_parse not in ("latex", "official"):
+        raise ValueError(f"gold_parse must be 'latex' or 'official', got {gold_parse!r}")
+    return parse(answer, parsing_timeout=timeout_s)
+
+
+def math_equal(gold: str, given: str, gold_parse: str = "latex", timeout_s: int | None = 5) -> bool:
+    """The one answer checker (training, annotation and evaluation): math-verify's
+    verify(parse_gold(gold), parse(given)), gold first. Any exception counts as not equal."""
     from math_verify import parse, verify
 
+    try:
+        return bool(verify(parse_gold(str(gold).strip(), gold_parse, timeout_s), parse(given, parsing_timeout=timeout_s),
+                           timeout_seconds=timeout_s))
+    except Exception:  # official behaviour: unparsable or timed out -> not equal
+        return False
+
+
+def accuracy_reward(response: str, answer: str, gold_parse: str = "latex", answer_dotall: bool = False,
+                    timeout_s: int | None = 5) -> float:
+    """r_acc in {0, 1}: math_equal(gold, given).
+
+    `given` is the <answer> block when the official regex finds one, else the whole response.
+    math-verify's timeouts rely on signals, which only work in a process's main thread: call this
+    from the main thread (train_grpo does; the judge runs in a worker thread) or pass timeout_s=None.
+    """
     match = (ANSWER_PATTERN_DOTALL if answer_dotall else ANSWER_PATTERN).search(response)
     given = match.group(1).strip() if match else response.strip()
-    try:
-        gold = parse(answer, parsing_timeout=timeout_s)
-        pred = parse(given, parsing_timeout=timeout_s)
-        return 1.0 if verify(gold, pred, timeout_seconds=timeout_s) else 0.0
-    except Exception:  # official behaviour: unparsable or timed out -> 0
-        return 0.0
+    return 1.0 if math_equal(answer, given, gold_parse, timeout_s) else 0.0
+
+
+def gold_parse_report(answers: list[str], where: str = "dataset", names: list[str] | None = None) -> tuple[int, str]:
+    """How many gold answers the two --gold_parse policies read differently, and a line saying so
+    with examples (`names` label the answers in it; default "row <i>")."""
+    from math_verify import verify
+
+    differ = []
+    for i, a in enumerate(answers):
+        try:
+            same = verify(parse_gold(str(a), "official"), parse_gold(str(a), "latex"))
+        except Exception:
+            same = False
+        if not same:
+            differ.append(i)
+    names = names or [f"row {i}" for i in range(len(answers))]
+    examples = "; ".join(f"{names[i]}: {answers[i]!r}" for i in differ[:3])
+    return len(differ), (f"{where}: {len(differ)} of {len(answers)} gold answers are read differently by "
+                         f"--gold_parse latex (default) and official" + (f" (e.g. {examples})" if differ else ""))
 
 
 def repetition_penalty(response: str, n: int = 20, max_penalty: float = -2.0) -> float:
@@ -294,7 +354,7 @@ def reward_table(args: Args) -> dict[str, tuple[float, RewardFn | None]]:
     logging, the sample table and validation follow from this table.
     """
     table = {
-        "accuracy": (args.w_acc, lambda resp, row: accuracy_reward(resp, str(row["answer"]))),
+        "accuracy": (args.w_acc, lambda resp, row: accuracy_reward(resp, str(row["answer"]), args.gold_parse)),
         "format": (args.w_fmt, lambda resp, row: format_reward(resp)),
         "visual": (args.w_vis, None),  # r_v from the judging LLM (judge.py)
         "repetition": (1.0, lambda resp, row: repetition_penalty(resp, args.rep_ngram, args.rep_max_penalty)),
@@ -768,7 +828,8 @@ def validate(llm, judge, pool, processor, val_rows: list[dict], args: Args, acce
     rank, world = accelerator.process_index, accelerator.num_processes
     local_rows = val_rows[rank::world]
     images = [data.row_images(r, args.min_pixels, args.max_pixels) for r in local_rows]
-    prompts = [data.build_prompt(processor, r["problem"], len(im)) for r, im in zip(local_rows, images)]
+    prompts = [data.build_prompt(processor, r["problem"], len(im), args.instruction)
+               for r, im in zip(local_rows, images)]
     ids, _ = generate_rollouts(llm, prompts, images, args, f"val{step}-r{rank}", forbidden_ids, n=1, greedy=True)
     responses = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
     error, terms = None, {}
@@ -1052,6 +1113,8 @@ def main(args: Args) -> None:
     rows = load_checked_rows(accelerator, args.dataset, args.split, args, "training", require_facts=args.w_vis != 0)
     val_rows = (load_checked_rows(accelerator, args.val_dataset, args.val_split, args, "validation",
                                   require_facts=False, limit=args.val_limit) if args.val_dataset else [])
+    if accelerator.is_main_process:  # the gold policy matters for bare-LaTeX answers (deviation 7)
+        print(gold_parse_report([str(r["answer"]) for r in rows], args.dataset)[1], flush=True)
     steps_per_epoch, total_steps = check_sizes(args, len(rows), world)
     local_prompts, G = args.prompts_per_step // world, args.group_size
     processor, model, ref_model, optimizer, scheduler = build_policy(args, accelerator, total_steps)
@@ -1082,7 +1145,8 @@ def main(args: Args) -> None:
         idx = batch_indices(len(rows), step, args.prompts_per_step, args.seed)
         local_rows = [rows[i] for i in idx[rank * local_prompts:(rank + 1) * local_prompts]]
         local_images = [data.row_images(r, args.min_pixels, args.max_pixels) for r in local_rows]
-        prompts = [data.build_prompt(processor, r["problem"], len(im)) for r, im in zip(local_rows, local_images)]
+        prompts = [data.build_prompt(processor, r["problem"], len(im), args.instruction)
+                   for r, im in zip(local_rows, local_images)]
 
         # 2) rollouts: G responses per prompt, groups contiguous, with vLLM's log-prob per token
         completion_ids, vllm_logps = generate_rollouts(llm, prompts, local_images, args, f"s{step}-r{rank}",

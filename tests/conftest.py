@@ -98,3 +98,101 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+class FakeOpenAI:
+    """A scripted OpenAI-compatible server on 127.0.0.1 (aiohttp, its own thread and loop).
+
+    `reply(body) -> str | tuple[int, str] | None` decides each /v1/chat/completions answer: a string
+    is the assistant message, (status, text) an HTTP error, None an HTTP 400; an async `reply` may
+    also sleep or close the connection (`request` is passed when it takes two arguments).
+    `/v1/models` lists `models`. `ports` holds two listening ports (several-URL tests); every chat
+    request body is kept in `requests`. Use as a context manager or start()/stop().
+    """
+
+    def __init__(self, reply, models=("fake",), lifetime_s: float = 900.0):
+        import threading
+
+        self.reply, self.models, self.lifetime_s = reply, list(models), lifetime_s
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}/v1" for p in self.ports]
+
+    @property
+    def base_url(self) -> str:
+        return self.urls[0]
+
+    async def _chat(self, request):
+        import asyncio
+        import inspect
+
+        from aiohttp import web
+
+        body = await request.json()
+        body["_port"] = request.url.port
+        with self.lock:
+            self.requests.append(body)
+        nargs = len(inspect.signature(self.reply).parameters)
+        out = self.reply(body, request) if nargs == 2 else self.reply(body)
+        if asyncio.iscoroutine(out):
+            out = await out
+        if isinstance(out, web.StreamResponse):
+            return out
+        if out is None:
+            return web.json_response({"error": {"message": "no script for this request"}}, status=400)
+        if isinstance(out, tuple):
+            status, text, *headers = out
+            return web.Response(status=status, text=text, headers=headers[0] if headers else None)
+        return web.json_response({
+            "id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": out}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": len(out.split()), "total_tokens": 10 + len(out.split())}})
+
+    def start(self) -> "FakeOpenAI":
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        ready = threading.Event()
+
+        async def serve():
+            app = web.Application(client_max_size=64 * 2**20)
+            app.router.add_post("/v1/chat/completions", self._chat)
+            app.router.add_get("/v1/models", lambda r: web.json_response(
+                {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}))
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            sites = [web.TCPSite(runner, "127.0.0.1", 0) for _ in range(2)]
+            for site in sites:
+                await site.start()
+            self.ports = [s._server.sockets[0].getsockname()[1] for s in sites]
+            self._stop = asyncio.Event()
+            ready.set()
+            try:  # bounded: the server stops by itself after lifetime_s
+                await asyncio.wait_for(self._stop.wait(), self.lifetime_s)
+            except asyncio.TimeoutError:
+                pass
+            await runner.cleanup()
+
+        def run():
+            self.loop = asyncio.new_event_loop()
+            self.loop.run_until_complete(serve())
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(20), "fake OpenAI server did not start"
+        return self
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(10)
+
+    def __enter__(self) -> "FakeOpenAI":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

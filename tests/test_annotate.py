@@ -275,8 +275,8 @@ def test_pipeline_geometry3k_slice_cli(shared_data, tmp_path):
             sol = (f"<think>\nFrom the diagram and the problem: {r['problem']} "
                    f"Working it through gives {r['answer']}.\n</think>\n<answer>\n\\boxed{{{r['answer']}}}\n</answer>")
             srv.distil[sha_of_row_image(src.parent / r["image"], args)] = [sol if i != 2 else wrong(sol)]
-            # The filter is exactly the training reward: a gold answer math-verify cannot parse
-            # (row 4's bare LaTeX "5 \\sqrt { 3 }") scores 0 there too and is dropped.
+            # The filter is exactly the training reward, with the same gold policy: row 4's bare LaTeX
+            # "5 \\sqrt { 3 }" is read as 5*sqrt(3) by default, so its right solution is kept.
             if i != 2 and accuracy_reward(sol, r["answer"]) == 1.0:
                 kept.add(str(r["id"]))
             facts = [f.replace("Equals", "") for f in r["diagram_logic_forms"][:3]] or [r["problem"]]
@@ -287,10 +287,16 @@ def test_pipeline_geometry3k_slice_cli(shared_data, tmp_path):
                                  "--extract-base-urls", srv.base_url, "--distil-model", "fake-vlm",
                                  "--extract-model", "fake-llm", "--max-pixels", str(3136 * 16),
                                  "--max-retries", "0"])
-    assert len(kept) >= 4 and str(rows[2]["id"]) not in kept
+    assert len(kept) == 5 and str(rows[2]["id"]) not in kept and "15" in kept
     assert summary["filter/kept"] == len(kept) and summary["filter/total"] == 6 and summary["errors"] == 0
-    unparsable = {r["key"] for r in data.read_jsonl(out_dir / "filter.jsonl") if not r["gold_parsable"]}
-    assert summary["filter/gold_unparsable"] == len(unparsable) and "15" in unparsable  # "5 \\sqrt { 3 }"
+    assert summary["filter/gold_unparsable"] == 0 and summary["filter/gold_read_differently"] == 1
+    # --gold-parse official reads "5 \\sqrt { 3 }" as 3: the right solution is dropped (official behaviour)
+    official = tmp_path / "official"
+    official.mkdir()
+    (official / "distil.jsonl").write_text((out_dir / "distil.jsonl").read_text())
+    off = annotate.main(["filter", "--output-dir", str(official), "--gold-parse", "official"])
+    dropped = {r["key"] for r in data.read_jsonl(official / "filter.jsonl") if not r["kept"]}
+    assert off["filter/kept"] == 4 and "15" in dropped and off["filter/gold_unparsable"] == 1
     out = check_export(out_dir, kept)
     assert all(r["problem"].startswith("<image>") for r in out)
     assert summary["distil/prompt_tokens"] > 0  # the server's usage counts were picked up

@@ -50,9 +50,8 @@ def test_format_reward(response, expected):
     (GOOD.replace("{8}", "{9}"), "8", 0.0),
     (GOOD.replace("{8}", "{8.0}"), "8", 1.0),
     ("<think>\nx\n</think>\n<answer>\n\\boxed{\\frac{1}{2}}\n</answer>", "0.5", 1.0),
-    # math-verify reads LaTeX gold only inside $...$ or \boxed (official: parse(gold) as stored)
     ("<think>\nx\n</think>\n<answer>\n\\boxed{4\\sqrt{2}}\n</answer>", "$4\\sqrt{2}$", 1.0),
-    ("<think>\nx\n</think>\n<answer>\n\\boxed{4\\sqrt{2}}\n</answer>", "4\\sqrt{2}", 0.0),
+    ("<think>\nx\n</think>\n<answer>\n\\boxed{4\\sqrt{2}}\n</answer>", "4\\sqrt{2}", 1.0),  # bare LaTeX gold
     ("the answer is <answer>8</answer>", "8", 1.0),  # one-line block: the official regex matches
     ("no answer at all", "8", 0.0),
     ("", "8", 0.0),
@@ -66,8 +65,30 @@ def test_accuracy_reward_parses_whole_response_by_default():
     # response is parsed, and math-verify takes the last \boxed (here inside <answer>).
     resp = "<think>\nmaybe \\boxed{3}\n</think>\n<answer>\n\\boxed{8}\n</answer>"
     assert T.accuracy_reward(resp, "8") == 1.0
-    # with DOTALL extraction only the <answer> block counts
-    assert T.accuracy_reward(resp, "8", answer_dotall=True) == 1.0
+    # the two modes differ when the block has no box but the reasoning does: the whole response is
+    # read by default (its box, 3, is wrong); with DOTALL only the <answer> block ("8") counts
+    resp = "<think>\nmaybe \\boxed{3}\n</think>\n<answer>\n8\n</answer>"
+    assert T.accuracy_reward(resp, "8") == 0.0 and T.accuracy_reward(resp, "8", answer_dotall=True) == 1.0
+
+
+def test_gold_policy_official_misreads_bare_latex_and_ours_does_not(shared_data):
+    """15 of the 60 Geometry3K answers in ../shared/data are bare LaTeX. Official: parse(gold) keeps
+    only their trailing number, so the wrong \\boxed{3} earns 1 and the right answer 0."""
+    import data
+
+    right = "<think>\nx\n</think>\n<answer>\n\\boxed{5\\sqrt{3}}\n</answer>"
+    wrong = "<think>\nx\n</think>\n<answer>\n\\boxed{3}\n</answer>"
+    gold = "5 \\sqrt { 3 }"
+    assert (T.accuracy_reward(right, gold), T.accuracy_reward(wrong, gold)) == (1.0, 0.0)
+    assert (T.accuracy_reward(right, gold, "official"), T.accuracy_reward(wrong, gold, "official")) == (0.0, 1.0)
+    assert T.accuracy_reward("\\boxed{\\frac{40}{3}}", "\\frac { 40 } { 3 }") == 1.0
+    assert T.accuracy_reward("\\boxed{3}", "\\frac { 40 } { 3 }", "official") == 1.0  # it reads 3
+    answers = [r["answer"] for r in data.read_jsonl(shared_data / "geometry3k/geometry3k_slice.jsonl")]
+    count, line = T.gold_parse_report(answers, "slice")
+    assert count == 15 and "15 of 60" in line
+    for a in answers:  # both policies read plain numbers alike
+        if a.replace(".", "", 1).isdigit():
+            assert T.math_equal(a, a, "official") and T.math_equal(a, a, "latex")
 
 
 def naive_repetition(response, n=20, max_penalty=-2.0):
