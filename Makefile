@@ -46,16 +46,18 @@ demo: install demo_data/train.jsonl tiny_model/tiny_model.json
 	    --sample_every 10 --save_every 20 --output_dir runs/demo
 
 demo_data/train.jsonl: | install
-	$(PY) demo_data.py --output_dir demo_data --num_train 256 --num_test 64
+	$(PY) -m demo.demo_data --output_dir demo_data --num_train 256 --num_test 64
 
 tiny_model/tiny_model.json: demo_data/train.jsonl | install
-	$(PY) tiny_model.py --output_dir tiny_model --warm_start_data demo_data/train.jsonl --warm_start_steps 150
+	$(PY) -m demo.tiny_model --output_dir tiny_model --warm_start_data demo_data/train.jsonl --warm_start_steps 100
 
+# Two workers (pytest-xdist): the slow tests are mostly process start-ups, which overlap well on
+# two cores; tests that share an engine or a served model stay on one worker (tests/conftest.py).
 test: install
-	$(PY) -m pytest -ra tests
+	$(PY) -m pytest -ra -n 2 --dist loadgroup tests
 
 test-fast: install
-	$(PY) -m pytest -ra -m "not slow" tests
+	$(PY) -m pytest -ra -n 2 --dist loadgroup -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

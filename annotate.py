@@ -48,8 +48,7 @@ Deviations from the paper
        own view of the diagram); the originals are saved as PNG next to the output so the
        exported rows are self-contained.
     5. Token counts in the progress bar come from the server's `usage` field when it sends one
-       (read by hooking the shared judge.ChatClient's HTTP client; a hack, see UsageChatClient),
-       else the bar counts reply characters.
+       (judge.ChatClient returns them with each reply), else the bar counts reply characters.
     6. The filter is the training scorer (train_grpo.accuracy_reward) with the same gold policy
        (`--gold_parse`). Under the official policy a bare-LaTeX gold answer such as Geometry3K's
        "5 \sqrt { 3 }" is read as its trailing number 3: a *wrong* solution ending in \boxed{3} is
@@ -96,9 +95,8 @@ from typing import Any, Callable, Optional, Sequence
 import tyro
 
 import data
-from judge import ChatClient, split_annotations
+from judge import ChatClient, Reply, format_facts, split_annotations
 
-STAGES = ("distil", "filter", "extract", "all")
 
 
 # =============================================================================================
@@ -232,31 +230,9 @@ def error_record(base: dict, stage: str, reason: str, retryable: bool = False) -
             f"{stage}_at": now()}
 
 
-class UsageChatClient(ChatClient):
-    """judge.ChatClient that also sums the `usage` token counts servers send back.
-
-    HACK: ChatClient returns only the reply text, so we wrap the `post` method of the HTTP
-    clients it creates per event loop (ChatClient._state). Same requests, retries and errors."""
-
-    def _state(self) -> dict:
-        st = super()._state()
-        if not st.get("usage_hooked"):
-            for c in st["clients"]:
-                async def post(*a, _orig=c.post, **kw):
-                    reply = await _orig(*a, **kw)
-                    usage = reply.get("usage") if isinstance(reply, dict) else None
-                    if isinstance(usage, dict):
-                        self._count("prompt_tokens", int(usage.get("prompt_tokens") or 0))
-                        self._count("completion_tokens", int(usage.get("completion_tokens") or 0))
-                    return reply
-                c.post = post
-            st["usage_hooked"] = True
-        return st
-
-
-def make_client(base_urls, model, api_key_env, args: Args) -> UsageChatClient:
-    return UsageChatClient(base_urls, model, api_key_env=api_key_env, max_concurrency=args.max_concurrency,
-                           timeout_s=args.timeout_s, max_retries=args.max_retries)
+def make_client(base_urls, model, api_key_env, args: Args) -> ChatClient:
+    return ChatClient(base_urls, model, api_key_env=api_key_env, max_concurrency=args.max_concurrency,
+                      timeout_s=args.timeout_s, max_retries=args.max_retries)
 
 
 class StageBar:
@@ -411,7 +387,7 @@ def run_distil(args: Args) -> dict:
                 prob["left"] -= 1
                 if prob["left"]:
                     return
-                sols = [r for r in prob["replies"] if isinstance(r, str)]
+                sols = [r.text for r in prob["replies"] if isinstance(r, Reply)]
                 errs = [f"{type(r).__name__}: {r}" for r in prob["replies"] if isinstance(r, Exception)]
                 meta = {k: prob[k] for k in ("key", "index", "id", "problem", "answer", "images")}
                 if not sols:  # every request failed: a re-run retries it
@@ -430,8 +406,7 @@ def run_distil(args: Args) -> dict:
 def client_stats(stage: str, client: ChatClient, bar: StageBar) -> dict:
     """Request counters and latencies (judge.ChatClient), token usage (0 when the server sends
     none) and reply characters of this run, namespaced by stage."""
-    out = {**client.stats(), "prompt_tokens": client.counts.get("prompt_tokens", 0),
-           "completion_tokens": client.counts.get("completion_tokens", 0), "reply_chars": bar.chars}
+    out = {**client.stats(), "reply_chars": bar.chars}
     return {f"{stage}/{k}": v for k, v in out.items()}
 
 
@@ -545,11 +520,6 @@ def normalise_facts(reply: str | None) -> list[str]:
     return facts
 
 
-def format_facts(facts: Sequence[str]) -> str:
-    """The `visual_key_info` string: "<info1>f1</info1>\\n<info2>f2</info2>..." (K = 1..m)."""
-    return "\n".join(f"<info{k}>{f}</info{k}>" for k, f in enumerate(facts, 1))
-
-
 def run_extract(args: Args) -> dict:
     """Append one record per kept problem to extract.jsonl: the facts, or an error."""
     path = stage_path(args, "extract")
@@ -571,6 +541,7 @@ def run_extract(args: Args) -> dict:
                                                        f"({type(out).__name__}: {out})", retryable=True))
                     bar.update(error=True)
                     return
+                out = out.text
                 facts = normalise_facts(out)  # ALGO: v1..vm, renumbered, deduplicated
                 if not facts:
                     data.append_jsonl(fh, {**error_record(rec, "extract", f"{name}: no <infoK> fact "
@@ -655,18 +626,33 @@ def run(stage: str, args: Args) -> dict:
     return summary
 
 
+@dataclasses.dataclass
+class DistilArgs(Args):
+    """Stage 1: a strong multimodal model solves each problem step by step -> distil.jsonl."""
+
+
+@dataclasses.dataclass
+class FilterArgs(Args):
+    """Stage 2: keep the problems with a correct solution (the training scorer) -> filter.jsonl."""
+
+
+@dataclasses.dataclass
+class ExtractArgs(Args):
+    """Stage 3: a text-only LLM lists the visual facts of each kept solution -> extract.jsonl,
+    then train.jsonl and train.parquet."""
+
+
+@dataclasses.dataclass
+class AllArgs(Args):
+    """The three stages in order, then the export (train.jsonl, train.parquet)."""
+
+
+STAGES = {"distil": DistilArgs, "filter": FilterArgs, "extract": ExtractArgs, "all": AllArgs}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    stage = argv[0] if argv and argv[0] in STAGES else None
-    if stage is None:
-        if argv and argv[0] not in ("-h", "--help"):
-            raise SystemExit(f"annotate.py: the first argument must be a stage, one of {STAGES} (got {argv[0]!r})")
-        print(f"usage: annotate.py {{{'|'.join(STAGES)}}} [OPTIONS]   (options: annotate.py all --help)\n")
-        print(__doc__)
-        raise SystemExit(0 if argv else 2)
-    args = tyro.cli(Args, args=argv[1:], prog=f"annotate.py {stage}",
-                    description=f"Stage '{stage}' of the Perception-R1 annotation pipeline. " + Args.__doc__)
-    return run(stage, args)
+    args = tyro.extras.subcommand_cli_from_dict(STAGES, args=argv, prog="annotate.py", description=__doc__)
+    return run(next(name for name, cls in STAGES.items() if type(args) is cls), args)
 
 
 if __name__ == "__main__":

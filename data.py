@@ -286,6 +286,27 @@ def build_prompt(processor_or_tokenizer, problem: str, num_images: int = 1,
 
 
 # ---------------------------------------------------------------------------------------------
+# Quiet third-party libraries (their errors still show)
+# ---------------------------------------------------------------------------------------------
+def quiet_libraries() -> None:
+    """Keep our scripts' output readable: vLLM logs only errors (on CPU it otherwise warns about
+    thread settings at every step), transformers logs errors and shows no loading bars, and its
+    deprecation warnings are hidden. Set VLLM_LOGGING_LEVEL=INFO to see vLLM's log again."""
+    import warnings
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read when vLLM is first imported
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # plumbing only: scripts that do not use transformers work without it
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
 # JSONL files that survive a kill
 # ---------------------------------------------------------------------------------------------
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

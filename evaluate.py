@@ -90,7 +90,6 @@ import ast
 import collections
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -959,14 +958,14 @@ def llm_score(samples: list[Sample], responses: list[str], judge_args: JudgeArgs
         if isinstance(reply, Exception):
             print(f"answer judge: extraction failed for {samples[k].benchmark} id={samples[k].id}: {reply}", file=sys.stderr)
             continue
-        m = _FIRST_ANSWER_BLOCK.search(reply)
+        m = _FIRST_ANSWER_BLOCK.search(reply.text)
         shown[k] = m.group(1) if m else responses[k]
     ask = [k for k, v in enumerate(shown) if v is not None]
     verdicts: list[Optional[bool]] = [None] * len(samples)
     for k, reply in zip(ask, client.run_batch([judge_messages(samples[k], shown[k]) for k in ask], **sampling)):
         if isinstance(reply, Exception):
             print(f"answer judge: judgement failed for {samples[k].benchmark} id={samples[k].id}: {reply}", file=sys.stderr)
-        verdicts[k] = None if isinstance(reply, Exception) else parse_verdict(reply)
+        verdicts[k] = None if isinstance(reply, Exception) else parse_verdict(reply.text)
     return list(zip(shown, verdicts))
 
 
@@ -1281,4 +1280,5 @@ def main(argv: Optional[list[str]] = None) -> Any:
 
 
 if __name__ == "__main__":
+    data.quiet_libraries()
     main()

@@ -49,13 +49,13 @@ Deviations from the paper / official code
 
 Launch
     # judge a file with the deterministic baseline (CPU, no server)
-    python judge.py --input rollouts.jsonl --output judged.jsonl --judge.backend lexical
+    python judge.py run --input rollouts.jsonl --output judged.jsonl --judge.backend lexical
     # against a judge server (GPU box: `vllm serve Qwen/Qwen2.5-32B-Instruct-AWQ --enable-prefix-caching`)
-    JUDGE_API_KEY=... python judge.py --input rollouts.jsonl --output judged.jsonl \\
+    JUDGE_API_KEY=... python judge.py run --input rollouts.jsonl --output judged.jsonl \\
         --judge.base-urls http://judge1:8000/v1 http://judge2:8000/v1 \\
         --judge.model Qwen/Qwen2.5-32B-Instruct-AWQ
     # offline engine in this process (on CPU add: --judge.vllm-dtype float32 --judge.vllm-enforce-eager)
-    python judge.py --input rollouts.jsonl --output judged.jsonl --judge.backend vllm --judge.model MODEL_DIR
+    python judge.py run --input rollouts.jsonl --output judged.jsonl --judge.backend vllm --judge.model MODEL_DIR
     # how good is the judge? (rows with visual_key_info, response, labels=[1,0,...])
     python judge.py calibrate --input labelled.jsonl --judge.backend lexical
 """
@@ -65,14 +65,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import json
 import math
 import os
 import random
 import re
-import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import tyro
@@ -212,8 +213,7 @@ def build_judge_messages(facts: Sequence[str], response: str) -> list[dict]:
     The facts come before the response so the G responses to one problem share the prompt
     prefix (rubric + facts) and the server's prefix cache serves it once.
     """
-    fact_lines = "\n".join(f"<info{k}>{f}</info{k}>" for k, f in enumerate(facts, 1))
-    user = (f"Facts:\n{fact_lines}\n\nSolution:\n{response}\n\n"
+    user = (f"Facts:\n{format_facts(facts)}\n\nSolution:\n{response}\n\n"
             f"Give {len(facts)} verdict tag(s), <info1> to <info{len(facts)}>.")
     return [{"role": "system", "content": RUBRIC}, {"role": "user", "content": user}]
 
@@ -222,6 +222,15 @@ def build_judge_messages(facts: Sequence[str], response: str) -> list[dict]:
 # 2. Parsing: annotations in, verdicts out, r_v = mean of usable verdicts
 # =============================================================================================
 _INFO_TAG = re.compile(r"<info(\d+)>(.*?)</info\1>", re.DOTALL)
+
+
+def format_facts(items: Sequence[Any]) -> str:
+    """The tag format of facts and verdicts alike: "<info1>x</info1>\\n<info2>y</info2>..." (K = 1..m).
+
+    >>> format_facts(["AB = 5", "BC = 8"])
+    '<info1>AB = 5</info1>\\n<info2>BC = 8</info2>'
+    """
+    return "\n".join(f"<info{k}>{x}</info{k}>" for k, x in enumerate(items, 1))
 
 
 def split_annotations(visual_key_info: str | None) -> list[str]:
@@ -302,172 +311,70 @@ def has_annotations(visual_key_info: str | None) -> bool:
 
 
 # =============================================================================================
-# 3. Async chat client for OpenAI-compatible servers (reused by annotate.py)
+# 3. Chat client for OpenAI-compatible servers (the judge's; annotate.py and evaluate.py use it too)
 # =============================================================================================
+@dataclasses.dataclass
+class Reply:
+    """One chat completion: its text and the server's token counts (0 when it sends none)."""
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class ChatClient:
-    """Chat completions against one or more OpenAI-compatible servers.
+    """Chat completions against one or more OpenAI-compatible servers (`vllm serve`, any API).
 
-    - bounded concurrency (one semaphore over all URLs), least-busy URL choice (ties round-robin);
-    - per-attempt timeout; retries with exponential backoff and jitter on connection errors,
-      timeouts, HTTP 5xx and 429 (a Retry-After header is honoured); other 4xx and malformed
-      replies are not retried;
-    - `chat()` returns the message text or raises after the last retry; `run_batch()` is the
-      blocking wrapper returning `str | Exception` per request (never raises for one request).
-
-    The asyncio state (HTTP clients, semaphore) is created per event loop, so `run_batch` can be
-    called from any thread (it runs its own loop) and `chat` from any running loop.
+    - at most `max_concurrency` requests in flight over all servers; attempts take the URLs in turn;
+    - an attempt times out after `timeout_s`; connection errors, timeouts, HTTP 5xx and 429 are
+      retried with exponential backoff and jitter (a server's Retry-After is honoured); other 4xx
+      and malformed replies are not;
+    - `run_batch` returns a Reply or the Exception per request, in input order: one failed request
+      never raises; `counts` and `latencies` record what happened (see `stats`).
     """
 
     def __init__(self, base_urls: Sequence[str], model: str, api_key_env: str = "JUDGE_API_KEY",
                  max_concurrency: int = 64, timeout_s: float = 120.0, max_retries: int = 4,
                  backoff_base_s: float = 1.0, backoff_max_s: float = 30.0):
-        if isinstance(base_urls, str):
-            base_urls = [base_urls]
-        self.base_urls = [u.rstrip("/") for u in base_urls]
+        self.base_urls = [base_urls] if isinstance(base_urls, str) else [u.rstrip("/") for u in base_urls]
         if not self.base_urls:
             raise ValueError("ChatClient needs at least one base URL")
-        import openai  # noqa: F401  (imported now: ~1 s, would otherwise land on the first batch)
-
-        self.model = model
-        self.api_key_env = api_key_env
-        self.max_concurrency = max_concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
-        self._lock = threading.Lock()  # PLUMBING: counters and per-loop state are shared by threads
-        self._loops: dict[int, dict] = {}
-        self._in_flight = [0] * len(self.base_urls)
-        self._rr = 0
-        self.counts = collections.Counter()  # requests, attempts, retries, failures, ...
+        self.model, self.api_key_env, self.max_concurrency = model, api_key_env, max_concurrency
+        self.timeout_s, self.max_retries = timeout_s, max_retries
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.counts: collections.Counter = collections.Counter()
         self.latencies: collections.deque = collections.deque(maxlen=10_000)
+        self._lock = threading.Lock()  # counters are shared by the threads that call run_batch
+        self._turn = itertools.count()  # which URL the next attempt goes to
 
     def _api_key(self) -> str:
         return os.environ.get(self.api_key_env) or "EMPTY"  # never printed
 
-    def _state(self) -> dict:
-        """HTTP clients and semaphore bound to the running event loop."""
-        import openai
-
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            st = self._loops.get(id(loop))
-            if st is None or st["loop"] is not loop:
-                # max_retries=0: we retry ourselves, to count retries and apply our policy
-                st = {"loop": loop, "sem": asyncio.Semaphore(self.max_concurrency),
-                      "clients": [openai.AsyncOpenAI(base_url=u, api_key=self._api_key(), timeout=self.timeout_s,
-                                                     max_retries=0) for u in self.base_urls]}
-                self._loops[id(loop)] = st
-            return st
-
-    async def aclose(self) -> None:
-        """Close the HTTP clients of the running loop (run_batch does this itself)."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            st = self._loops.pop(id(loop), None)
-        if st is not None:
-            for c in st["clients"]:
-                await c.close()
-
-    def _pick_url(self) -> int:
-        with self._lock:
-            low = min(self._in_flight)
-            n = len(self.base_urls)
-            for step in range(n):
-                i = (self._rr + step) % n
-                if self._in_flight[i] == low:
-                    self._rr = (i + 1) % n
-                    self._in_flight[i] += 1
-                    return i
-        raise AssertionError("unreachable")
-
-    def _retry_delay(self, attempt: int, exc: Exception | None) -> float:
-        """Exponential backoff with jitter; a server's Retry-After (seconds) wins if longer."""
-        delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * (0.5 + random.random())
-        if isinstance(exc, ChatHTTPError) and exc.retry_after:
-            try:
-                delay = max(delay, min(float(exc.retry_after), self.backoff_max_s))
-            except ValueError:
-                pass  # an HTTP date: keep the backoff
-        return delay
-
-    @staticmethod
-    def _retryable(exc: Exception) -> bool:
-        import openai
-
-        if isinstance(exc, (openai.APIConnectionError, asyncio.TimeoutError)):
-            return True  # connect errors, timeouts (APITimeoutError), dropped connections
-        if isinstance(exc, ChatHTTPError):
-            return exc.status_code == 429 or exc.status_code >= 500
-        return False  # other 4xx, malformed replies
-
-    async def _post(self, i: int, client, messages: list[dict], sampling: dict) -> str:
-        """One attempt: POST {base_url}/chat/completions, return choices[0].message.content."""
-        import openai
-
-        url = self.base_urls[i]
+    def run_batch(self, batch: list[list[dict]], on_done=None, **sampling: Any) -> list[Reply | Exception]:
+        """Send every request (concurrently, bounded); return the Reply or the Exception of each.
+        `on_done(index, result)` is called as each one finishes. Blocking; safe from any thread."""
+        if not batch:
+            return []
         try:
-            # The low-level `post` with a plain dict body: `chat.completions.create` spends ~1 ms of
-            # CPU per request validating typed messages, which showed in benchmarks/bench_judge.py.
-            # Errors keep the openai types (status, connection, timeout).
-            reply = await client.post("/chat/completions", cast_to=object,
-                                      body={"model": self.model, "messages": messages, **sampling})
-        except openai.APIStatusError as e:
-            raise ChatHTTPError(url, e.status_code, e.response.text[:300], e.response.headers.get("retry-after")) from e
-        except (openai.APIConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
-            raise
-        except Exception as e:  # a 200 whose body is not JSON
-            raise MalformedReply(f"{url}: malformed reply ({type(e).__name__}: {e})") from e
-        try:
-            text = reply["choices"][0]["message"]["content"]
-        except (LookupError, TypeError) as e:
-            raise MalformedReply(f"{url}: not a chat completion ({type(e).__name__}: {e}): {str(reply)[:200]!r}") from e
-        if not isinstance(text, str):
-            raise MalformedReply(f"{url}: chat completion without message text: {str(reply)[:200]!r}")
-        return text
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: no event loop in this thread
+            return asyncio.run(self._run(batch, on_done, sampling))
+        with ThreadPoolExecutor(1) as pool:  # called inside a running loop (a notebook): use a helper thread
+            return pool.submit(asyncio.run, self._run(batch, on_done, sampling)).result()
 
-    def _count(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self.counts[key] += n
+    async def _run(self, batch, on_done, sampling) -> list[Reply | Exception]:
+        import openai
 
-    async def chat(self, messages: list[dict], **sampling: Any) -> str:
-        """Send one chat request; return the reply text. Raises the last error after retries
-        (ChatHTTPError, MalformedReply, openai.APIConnectionError, asyncio.TimeoutError).
-        Callers running their own loop should `await client.aclose()` when done with it."""
-        st = self._state()
-        self._count("requests")
-        async with st["sem"]:
-            t0 = time.perf_counter()  # latency = first attempt to answer, retries included, queueing not
-            for attempt in range(self.max_retries + 1):
-                i = self._pick_url()
-                self._count("attempts")
+        # max_retries=0: we retry ourselves, to count retries and apply the policy above
+        clients = [openai.AsyncOpenAI(base_url=u, api_key=self._api_key(), timeout=self.timeout_s, max_retries=0)
+                   for u in self.base_urls]
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(k: int, messages: list[dict]) -> Reply | Exception:
+            async with limit:
                 try:
-                    # wait_for also bounds a server that trickles bytes slower than httpx's read timeout
-                    text = await asyncio.wait_for(self._post(i, st["clients"][i], messages, sampling),
-                                                  timeout=self.timeout_s)
-                    with self._lock:
-                        self.latencies.append(time.perf_counter() - t0)
-                    return text
-                except Exception as e:  # classified below; nothing is swallowed
-                    if isinstance(e, asyncio.TimeoutError):
-                        self._count("timeouts")
-                    if not self._retryable(e) or attempt == self.max_retries:
-                        self._count("failures")
-                        raise
-                    self._count("retries")
-                    delay = self._retry_delay(attempt, e)
-                finally:
-                    with self._lock:
-                        self._in_flight[i] -= 1
-                await asyncio.sleep(delay)  # outside the try: a waiting request is not "busy" on a URL
-        raise AssertionError("unreachable")
-
-    async def _gather(self, batch: list[list[dict]], sampling: dict, on_done=None) -> list[str | Exception]:
-        async def one(k: int, messages: list[dict]):
-            try:
-                out = await self.chat(messages, **sampling)
-            except Exception as e:  # returned, not raised: the caller counts it as a failure
-                out = e
+                    out = await self._ask(clients, messages, sampling)
+                except Exception as e:  # returned, not raised: the caller counts it as a failure
+                    out = e
             if on_done is not None:
                 on_done(k, out)
             return out
@@ -475,34 +382,56 @@ class ChatClient:
         try:
             return list(await asyncio.gather(*(one(k, m) for k, m in enumerate(batch))))
         finally:
-            await self.aclose()
+            for client in clients:
+                await client.close()
 
-    def run_batch(self, batch: list[list[dict]], on_done=None, **sampling: Any) -> list[str | Exception]:
-        """Blocking: send every request (concurrently, bounded), return text or the Exception per
-        request, in input order. Safe from any thread without a running loop (it makes its own)."""
-        if not batch:
-            return []
+    async def _ask(self, clients, messages: list[dict], sampling: dict) -> Reply:
+        """One request with its retries; raises the last error."""
+        self._count(requests=1)
+        start = time.perf_counter()  # latency: first attempt to answer, retries included
+        for attempt in range(self.max_retries + 1):
+            i = next(self._turn) % len(clients)
+            self._count(attempts=1)
+            try:
+                # wait_for also bounds a server that trickles bytes slower than the read timeout
+                r = await asyncio.wait_for(clients[i].chat.completions.create(
+                    model=self.model, messages=messages, **sampling), timeout=self.timeout_s)
+                reply = _as_reply(self.base_urls[i], r)
+                with self._lock:
+                    self.latencies.append(time.perf_counter() - start)
+                self._count(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
+                return reply
+            except Exception as e:
+                error = _classify(self.base_urls[i], e)
+                self._count(timeouts=int(isinstance(error, TimeoutError)))
+                if not _retryable(error) or attempt == self.max_retries:
+                    self._count(failures=1)
+                    raise error from e
+                self._count(retries=1)
+            await asyncio.sleep(self._retry_delay(attempt, error))
+        raise AssertionError("unreachable")
+
+    def _retry_delay(self, attempt: int, error: Exception) -> float:
+        """Exponential backoff with jitter; a server's Retry-After (seconds) wins when longer."""
+        delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * (0.5 + random.random())
         try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # the usual case: no loop in this thread
-            return asyncio.run(self._gather(batch, sampling, on_done))
-        # called from inside a running loop (a notebook, an async caller): run ours in a helper thread
-        from concurrent.futures import ThreadPoolExecutor
+            return max(delay, min(float(getattr(error, "retry_after", None) or 0), self.backoff_max_s))
+        except ValueError:  # an HTTP date: keep the backoff
+            return delay
 
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, self._gather(batch, sampling, on_done)).result()
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            self.counts.update(amounts)
 
     def health_check(self, timeout_s: float = 10.0) -> None:
-        """Fail fast (JudgeError naming the URL) unless every server lists `self.model`."""
-        import httpx
+        """Fail fast (JudgeError naming the URL) unless every server answers and serves `model`."""
+        import openai
 
-        headers = {"Authorization": f"Bearer {self._api_key()}"}
         for url in self.base_urls:
             try:
-                r = httpx.get(f"{url}/models", headers=headers, timeout=timeout_s)
-                r.raise_for_status()
-                served = [m.get("id") for m in r.json().get("data", [])]
-            except Exception as e:  # any transport/HTTP/JSON problem means "not usable"
+                client = openai.OpenAI(base_url=url, api_key=self._api_key(), timeout=timeout_s, max_retries=0)
+                served = [m.id for m in client.models.list()]
+            except Exception as e:  # any transport, HTTP or JSON problem means "not usable"
                 raise JudgeError(f"judge server {url} failed its health check "
                                  f"(GET {url}/models: {type(e).__name__}: {e})") from e
             if self.model not in served:
@@ -510,13 +439,45 @@ class ChatClient:
 
     def stats(self) -> dict[str, float]:
         with self._lock:
-            c = dict(self.counts)
-            lat = list(self.latencies)
-        return {"requests": c.get("requests", 0), "attempts": c.get("attempts", 0),
-                "retries": c.get("retries", 0), "request_failures": c.get("failures", 0),
-                "timeouts": c.get("timeouts", 0),
-                "latency_mean_s": sum(lat) / len(lat) if lat else 0.0,
-                "latency_max_s": max(lat) if lat else 0.0}
+            c, lat = dict(self.counts), list(self.latencies)
+        return {"requests": c.get("requests", 0), "attempts": c.get("attempts", 0), "retries": c.get("retries", 0),
+                "request_failures": c.get("failures", 0), "timeouts": c.get("timeouts", 0),
+                "prompt_tokens": c.get("prompt_tokens", 0), "completion_tokens": c.get("completion_tokens", 0),
+                "latency_mean_s": sum(lat) / len(lat) if lat else 0.0, "latency_max_s": max(lat) if lat else 0.0}
+
+
+def _as_reply(url: str, completion) -> Reply:
+    """The text and token counts of a chat completion; MalformedReply when it has no message text."""
+    try:
+        text = completion.choices[0].message.content
+    except (AttributeError, IndexError, TypeError) as e:
+        raise MalformedReply(f"{url}: not a chat completion ({type(e).__name__}: {e})") from e
+    if not isinstance(text, str):
+        raise MalformedReply(f"{url}: chat completion without message text: {str(completion)[:200]!r}")
+    usage = getattr(completion, "usage", None)
+    return Reply(text, int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0))
+
+
+def _classify(url: str, error: Exception) -> Exception:
+    """openai's errors in our terms: ChatHTTPError for HTTP statuses, TimeoutError for timeouts,
+    MalformedReply for a 200 that is not a chat completion; connection errors stay as they are."""
+    import openai
+
+    if isinstance(error, openai.APIStatusError):
+        return ChatHTTPError(url, error.status_code, error.response.text[:300], error.response.headers.get("retry-after"))
+    if isinstance(error, (openai.APITimeoutError, asyncio.TimeoutError)):
+        return TimeoutError(f"{url}: no answer within the timeout")
+    if isinstance(error, (openai.APIConnectionError, MalformedReply)):
+        return error
+    return MalformedReply(f"{url}: malformed reply ({type(error).__name__}: {error})")
+
+
+def _retryable(error: Exception) -> bool:
+    import openai
+
+    if isinstance(error, (openai.APIConnectionError, TimeoutError)):
+        return True  # connection refused or dropped, timeouts
+    return isinstance(error, ChatHTTPError) and (error.status_code == 429 or error.status_code >= 500)
 
 
 def make_client(args: JudgeArgs) -> ChatClient:
@@ -553,10 +514,10 @@ class Judge:
         self.client = make_client(args) if args.backend == "openai" else None
 
     # ---- backend hook
-    def _generate(self, pairs: list[tuple[tuple[str, ...], str]], on_done=None) -> list[str | Exception]:
+    def _generate(self, pairs: list[tuple[tuple[str, ...], str]]) -> list[str | Exception]:
         batch = [build_judge_messages(facts, response) for facts, response in pairs]
-        return self.client.run_batch(batch, on_done=on_done, temperature=self.args.temperature,
-                                     max_tokens=self.args.max_tokens)
+        replies = self.client.run_batch(batch, temperature=self.args.temperature, max_tokens=self.args.max_tokens)
+        return [r.text if isinstance(r, Reply) else r for r in replies]
 
     # ---- shared logic
     def score_detailed(self, annotations: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
@@ -631,8 +592,8 @@ class Judge:
                "dedup_saved": c.get("dedup_saved", 0), "no_annotation_rows": c.get("no_annotation_rows", 0)}
         if self.client is not None:
             cs = self.client.stats()
-            out.update(requests=cs["requests"], attempts=cs["attempts"], retries=cs["retries"],
-                       timeouts=cs["timeouts"], latency_mean_s=cs["latency_mean_s"], latency_max_s=cs["latency_max_s"])
+            out.update({k: cs[k] for k in ("requests", "attempts", "retries", "timeouts", "prompt_tokens",
+                                           "completion_tokens", "latency_mean_s", "latency_max_s")})
         else:
             out.update(requests=c.get("requests", 0))
         return {f"judge/{k}": float(v) for k, v in out.items()}
@@ -659,7 +620,7 @@ class VLLMJudge(Judge):
         self.sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
         self._engine_lock = threading.Lock()  # vllm.LLM is not re-entrant
 
-    def _generate(self, pairs, on_done=None):
+    def _generate(self, pairs):
         batch = [build_judge_messages(f, r) for f, r in pairs]
         with self._lock:
             self.counts["requests"] += len(batch)
@@ -693,11 +654,10 @@ def lexical_verdicts(facts: Sequence[str], response: str) -> list[float]:
 class LexicalJudge(Judge):
     """No LLM: see `lexical_verdicts`. Emits the judge's tag format so the same parser runs."""
 
-    def _generate(self, pairs, on_done=None):
+    def _generate(self, pairs):
         with self._lock:
             self.counts["requests"] += len(pairs)
-        return ["\n".join(f"<info{k}>{int(v)}</info{k}>" for k, v in enumerate(lexical_verdicts(f, r), 1))
-                for f, r in pairs]
+        return [format_facts(int(v) for v in lexical_verdicts(f, r)) for f, r in pairs]
 
 
 def build_judge(args: JudgeArgs) -> Judge:
@@ -725,6 +685,7 @@ class RunArgs:
     blank lines skipped) are not judged again, so a killed run resumes. Rows that failed are written
     with judge_reward null and judge_error set; delete those lines to have them judged again"""
     judge: JudgeArgs = dataclasses.field(default_factory=JudgeArgs)
+    """the judge (backend, servers, model, retries; see the judge.* options)"""
     facts_field: str = "visual_key_info"
     """input field holding the facts string "<info1>...</info1>..." """
     response_field: str = "response"
@@ -739,6 +700,7 @@ class CalibrateArgs:
     input: str
     """JSONL with the facts field, the response field and `labels_field` (a 0/1 list, one per fact)"""
     judge: JudgeArgs = dataclasses.field(default_factory=JudgeArgs)
+    """the judge under test (see the judge.* options)"""
     facts_field: str = "visual_key_info"
     """input field holding the facts string"""
     response_field: str = "response"
@@ -806,13 +768,10 @@ def calibrate(args: CalibrateArgs) -> dict[str, float]:
         labels.append([int(x) for x in lab])
         perms.append(perm)
 
-    def as_info(fs):
-        return "\n".join(f"<info{k}>{x}</info{k}>" for k, x in enumerate(fs, 1))
-
     judge = build_judge(args.judge)
     try:
-        first = judge.score_detailed([as_info(f) for f in facts], resps)
-        shuffled = judge.score_detailed([as_info([f[p] for p in perm]) for f, perm in zip(facts, perms)], resps)
+        first = judge.score_detailed([format_facts(f) for f in facts], resps)
+        shuffled = judge.score_detailed([format_facts([f[p] for p in perm]) for f, perm in zip(facts, perms)], resps)
         stats = judge.stats()
     finally:
         judge.close()
@@ -843,14 +802,17 @@ def calibrate(args: CalibrateArgs) -> dict[str, float]:
     return metrics
 
 
+SUBCOMMANDS = {"run": (RunArgs, run_file), "calibrate": (CalibrateArgs, calibrate)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # A first positional "calibrate" selects the calibration command; anything else judges a file.
-    if argv and argv[0] == "calibrate":
-        return calibrate(tyro.cli(CalibrateArgs, args=argv[1:], prog="judge.py calibrate"))
-    return run_file(tyro.cli(RunArgs, args=argv, prog="judge.py",
-                             description=RunArgs.__doc__ + "  (`judge.py calibrate --help` for calibration)"))
+    args = tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in SUBCOMMANDS.items()},
+                                                args=argv, prog="judge.py", description=__doc__)
+    return next(fn for cls, fn in SUBCOMMANDS.values() if isinstance(args, cls))(args)
 
 
 if __name__ == "__main__":
+    import data
+
+    data.quiet_libraries()
     main()

@@ -61,8 +61,10 @@ Deviations from the paper / official code
        official parse(gold) reads Geometry3K's "5 \\sqrt { 3 }" as 3, so the wrong \\boxed{3} earned
        r_acc = 1 and the right \\boxed{5\\sqrt{3}} 0. `--gold_parse official` restores it.
 
-Shapes: B = prompts, G = responses per prompt, T = completion tokens (padded), V = vocabulary.
-Prefixes: `local_` = this process's share; no prefix = all processes; `mb_` = one micro-batch.
+Shapes: B = prompts per step, G = responses per prompt, N = responses in a micro-batch,
+T = completion tokens (padded), T_all = prompt + completion tokens, V = vocabulary, P = processes.
+Prefixes: `local_` = this process's share (B/P prompts, B*G/P responses); no prefix = all
+processes; `mb_` = one micro-batch.
 
 Launch
     CPU demo (tiny model, demo data):  make demo
@@ -540,9 +542,14 @@ def batch_indices(num_rows: int, step: int, prompts_per_step: int, seed: int) ->
 # =============================================================================================
 def build_vllm(args: Args, rank: int, num_processes: int, max_images: int):
     """One vLLM engine per training process (colocated), same pixel bounds as the HF processor."""
+    # PLUMBING: the engine must live in this process: the weight sync hands it a generator of
+    # tensors, which cannot cross a process boundary. On CPU, vLLM's default KV cache is ~16 GB.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     from vllm import LLM
 
-    on_cpu = not torch.cuda.is_available()
     kwargs = {}
     if on_cpu:
         # Seeded requests whose prefill gets split into chunks make vLLM rewind the sampler's
@@ -832,12 +839,7 @@ def validate(llm, judge, pool, processor, val_rows: list[dict], args: Args, acce
                for r, im in zip(local_rows, images)]
     ids, _ = generate_rollouts(llm, prompts, images, args, f"val{step}-r{rank}", forbidden_ids, n=1, greedy=True)
     responses = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
-    error, terms = None, {}
-    try:
-        terms = score_responses(responses, local_rows, args, judge, pool)
-    except Exception as e:  # the judge's guard or client: stop every rank together
-        error = e
-    fail_together(accelerator, error)
+    terms = run_together(accelerator, score_responses, responses, local_rows, args, judge, pool)
     records = [{"benchmark": "val", "id": str(row.get("id", row["_index"])), "prompt": prompt, "response": resp,
                 "gold": str(row["answer"]), "correct": terms["accuracy"][k] == 1.0,
                 "r_v": terms.get("visual", [None] * len(responses))[k] if has_annotations(row.get("visual_key_info"))
@@ -966,6 +968,23 @@ class Logger:
         print(f"step {step:>5} " + " ".join(f"{k.split('/', 1)[1] if k.startswith('reward/') else k}="
                                            f"{metrics[k]:.3f}" for k in keys if k in metrics), flush=True)
 
+    def close(self, out: Path) -> None:
+        """End of training: rewards.png (every reward term and validation metric over steps) and a
+        summary line (mean total reward of the first vs the last 5 steps, median step time)."""
+        if not self.main:
+            return
+        self.jsonl.close()
+        rows = [r for r in data.read_jsonl(out / "metrics.jsonl") if "reward/total" in r]
+        if not rows:
+            return
+        plot_metrics(rows, out / "rewards.png")
+        first, last = rows[:5], rows[-5:]
+        mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        step_s = sorted(r["perf/step_s"] for r in rows)[len(rows) // 2]
+        print(f"summary: {len(rows)} steps, reward/total {mean(first, 'reward/total'):.3f} (first {len(first)}) -> "
+              f"{mean(last, 'reward/total'):.3f} (last {len(last)}), median step {step_s:.1f} s; "
+              f"plot: {out / 'rewards.png'}", flush=True)
+
     def samples(self, step: int, rows: list[dict]) -> None:
         """A markdown table of sample completions with every reward term (columns from the rows)."""
         if not self.main or not rows:
@@ -980,6 +999,25 @@ class Logger:
 
             self.wandb.log({"samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])}, step=step)
         print(f"--- samples at step {step}\n{table}", flush=True)
+
+
+def plot_metrics(rows: list[dict], path: Path) -> None:
+    """One panel per logged reward term (reward/*) and one for the validation metrics (val/*), over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in rows for k in r if k.startswith(("reward/", "val/")) and k != "val/n"})
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), marker=".")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def run_config(args: Args) -> dict:
@@ -1101,6 +1139,55 @@ def sample_table(terms: dict, rewards, responses: list[str], G: int) -> list[dic
              "response": responses[i]} for i in picks]
 
 
+def load_data(accelerator, args: Args) -> tuple[list[dict], list[dict]]:
+    """Training and validation rows, every one checked (section 7); prints how many gold answers
+    the two --gold_parse policies read differently (deviation 7)."""
+    rows = load_checked_rows(accelerator, args.dataset, args.split, args, "training", require_facts=args.w_vis != 0)
+    val_rows = (load_checked_rows(accelerator, args.val_dataset, args.val_split, args, "validation",
+                                  require_facts=False, limit=args.val_limit) if args.val_dataset else [])
+    if accelerator.is_main_process:
+        print(gold_parse_report([str(r["answer"]) for r in rows], args.dataset)[1], flush=True)
+    return rows, val_rows
+
+
+def resume_step(accelerator, out: Path) -> int:
+    """Load the newest checkpoint's accelerate state (weights, optimizer, scheduler, RNG per rank);
+    return its step, 0 when there is none."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return 0
+    accelerator.load_state(str(ckpt / "accelerate"))
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    accelerator.print(f"resumed from {ckpt} at step {step}")
+    return step
+
+
+def run_together(accelerator, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on every process; if it raises on any process, every process raises
+    (a rank that raised alone would leave the others blocked in the next collective)."""
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as e:  # re-raised below, on every rank
+        error = e
+    fail_together(accelerator, error)
+    return result
+
+
+def score_batch(local_responses: list[str], local_rows: list[dict], args: Args, judge, pool):
+    """Reward terms of this process's B*G responses as tensors (table order), the judge-failure
+    mask and which responses have facts. A failed judgement gets its group's mean r_v (deviation 1)."""
+    G = args.group_size
+    response_rows = [r for r in local_rows for _ in range(G)]  # group g of prompt b at b*G + g
+    raw = score_responses(local_responses, response_rows, args, judge, pool)
+    terms = {name: torch.tensor(v, dtype=torch.float32) for name, v in raw.items() if name != "visual"}
+    failed = torch.zeros(len(local_responses), dtype=torch.bool)
+    if "visual" in raw:
+        terms["visual"], failed = impute_failed_judgements(raw["visual"], G)
+    has_facts = torch.tensor([has_annotations(r.get("visual_key_info")) for r in response_rows])
+    return {name: terms[name] for name in raw}, failed, has_facts
+
+
 def main(args: Args) -> None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -1110,83 +1197,60 @@ def main(args: Args) -> None:
     accelerator = Accelerator(step_scheduler_with_optimizer=False)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)  # PLUMBING: per-rank seed offset
-    rows = load_checked_rows(accelerator, args.dataset, args.split, args, "training", require_facts=args.w_vis != 0)
-    val_rows = (load_checked_rows(accelerator, args.val_dataset, args.val_split, args, "validation",
-                                  require_facts=False, limit=args.val_limit) if args.val_dataset else [])
-    if accelerator.is_main_process:  # the gold policy matters for bare-LaTeX answers (deviation 7)
-        print(gold_parse_report([str(r["answer"]) for r in rows], args.dataset)[1], flush=True)
+    rows, val_rows = load_data(accelerator, args)
     steps_per_epoch, total_steps = check_sizes(args, len(rows), world)
-    local_prompts, G = args.prompts_per_step // world, args.group_size
+    local_B, G = args.prompts_per_step // world, args.group_size
     processor, model, ref_model, optimizer, scheduler = build_policy(args, accelerator, total_steps)
-    tokenizer, forbidden_ids = processor.tokenizer, vision_token_ids(processor.tokenizer)
+    tokenizer, banned_ids = processor.tokenizer, vision_token_ids(processor.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    out, start_step = Path(args.output_dir), 0
-    if args.resume and (ckpt := latest_checkpoint(out)) is not None:
-        accelerator.load_state(str(ckpt / "accelerate"))
-        start_step = json.loads((ckpt / "state.json").read_text())["step"]
-        accelerator.print(f"resumed from {ckpt} at step {start_step}")
+    weights = {name: w for name, (w, _) in reward_table(args).items()}
+    out = Path(args.output_dir)
+    start_step = resume_step(accelerator, out) if args.resume else 0
 
     # the judge first (build_judge health-checks it, naming the URL), then the vLLM engine
-    judge = build_judge(args.judge) if "visual" in reward_table(args) else None
-    max_images = max(len(r["images"]) for r in rows + val_rows)
-    llm = build_vllm(args, rank, world, max_images)
+    judge = build_judge(args.judge) if "visual" in weights else None
+    llm = build_vllm(args, rank, world, max_images=max(len(r["images"]) for r in rows + val_rows))
     if start_step > 0:
         sync_weights_to_vllm(accelerator, model, llm)  # PLUMBING: the engine starts from the base model
     pool = ThreadPoolExecutor(max_workers=1)  # the judge's thread
     logger = Logger(args, accelerator, run_config(args))
-    run_val = lambda s: validate(llm, judge, pool, processor, val_rows, args, accelerator, s, forbidden_ids)  # noqa: E731
+    run_val = lambda s: validate(llm, judge, pool, processor, val_rows, args, accelerator, s, banned_ids)  # noqa: E731
     if val_rows and args.val_before_train and start_step == 0:
         logger.log(0, run_val(0))
 
     for step in range(start_step, total_steps):
         t0 = time.time()
-        # 1) this process's prompts
+        # 1) this process's B/P prompts
         idx = batch_indices(len(rows), step, args.prompts_per_step, args.seed)
-        local_rows = [rows[i] for i in idx[rank * local_prompts:(rank + 1) * local_prompts]]
+        local_rows = [rows[i] for i in idx[rank * local_B:(rank + 1) * local_B]]
         local_images = [data.row_images(r, args.min_pixels, args.max_pixels) for r in local_rows]
-        prompts = [data.build_prompt(processor, r["problem"], len(im), args.instruction)
-                   for r, im in zip(local_rows, local_images)]
+        local_prompts = [data.build_prompt(processor, r["problem"], len(im), args.instruction)
+                         for r, im in zip(local_rows, local_images)]
 
         # 2) rollouts: G responses per prompt, groups contiguous, with vLLM's log-prob per token
-        completion_ids, vllm_logps = generate_rollouts(llm, prompts, local_images, args, f"s{step}-r{rank}",
-                                                       forbidden_ids, n=G, seed=rollout_seed(args, step, rank))
+        local_completions, local_vllm_logps = generate_rollouts(
+            llm, local_prompts, local_images, args, f"s{step}-r{rank}", banned_ids, n=G,
+            seed=rollout_seed(args, step, rank))
         if args.vllm_sleep:
             llm.sleep(level=2)  # PLUMBING: drop KV cache and weights (the sync rewrites them)
-        responses = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        local_responses = tokenizer.batch_decode(local_completions, skip_special_tokens=True)
         t_gen = time.time() - t0
 
-        # 3) rewards -> group advantages
-        error, raw = None, {}
-        try:
-            raw = score_responses(responses, [r for r in local_rows for _ in range(G)], args, judge, pool)
-        except Exception as e:  # JudgeError from the failure guard, or the client itself
-            error = e
-        fail_together(accelerator, error)  # PLUMBING: every rank stops, none hangs
-        terms = {name: torch.tensor(v, dtype=torch.float32) for name, v in raw.items() if name != "visual"}
-        failed = torch.zeros(len(responses), dtype=torch.bool)
-        if "visual" in raw:  # ALGO: a failed judgement gets its group's mean r_v (deviation 1)
-            terms["visual"], failed = impute_failed_judgements(raw["visual"], G)
-        terms = {name: terms[name] for name in raw}  # table order
-        has_facts = torch.tensor([has_annotations(r.get("visual_key_info")) for r in local_rows for _ in range(G)])
-        weights = {name: w for name, (w, _) in reward_table(args).items()}
-        rewards = mix_rewards(terms, weights)  # ALGO: R, (B*G,)
-        advantages = group_advantages(rewards, G, args.adv_eps)  # ALGO: A, (B*G,)
+        # 3) reward terms -> R -> group advantages
+        local_terms, local_failed, local_has_facts = run_together(
+            accelerator, score_batch, local_responses, local_rows, args, judge, pool)
+        local_rewards = mix_rewards(local_terms, weights)  # ALGO: R, (B*G,)
+        local_advantages = group_advantages(local_rewards, G, args.adv_eps)  # ALGO: A, (B*G,)
         t_reward = time.time() - t0 - t_gen
 
         # 4) training samples: processor prompt ids + vLLM completion ids
-        error, samples = None, []
-        try:
-            samples = build_samples(processor, prompts, local_images, local_rows, completion_ids, vllm_logps,
-                                    advantages, args)
-        except ValueError as e:
-            error = e
-        fail_together(accelerator, error)  # PLUMBING
+        samples = run_together(accelerator, build_samples, processor, local_prompts, local_images, local_rows,
+                               local_completions, local_vllm_logps, local_advantages, args)
 
-        # 5) policy update
+        # 5) policy update: micro-batches, one token-mean over all processes, AdamW
         model.train()
         train_stats = train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples, args, pad_id,
-                                     forbidden_ids)
+                                     banned_ids)
         t_train = time.time() - t0 - t_gen - t_reward
 
         # 6) new weights into vLLM
@@ -1197,8 +1261,9 @@ def main(args: Args) -> None:
         # 7) validation, logging, sample table
         done = step + 1 == total_steps
         times = {"generate_s": t_gen, "reward_s": t_reward, "train_s": t_train, "step_s": time.time() - t0}
-        metrics = step_metrics(accelerator, terms, rewards, advantages, failed, has_facts, completion_ids,
-                               train_stats, scheduler.get_last_lr()[0], times, args)
+        metrics = step_metrics(accelerator, local_terms, local_rewards, local_advantages, local_failed,
+                               local_has_facts, local_completions, train_stats, scheduler.get_last_lr()[0], times,
+                               args)
         if judge is not None:
             metrics.update(judge.stats())
         if val_rows and ((step + 1) % args.val_every == 0 or done):
@@ -1206,7 +1271,7 @@ def main(args: Args) -> None:
         if (step + 1) % args.log_every == 0 or done:
             logger.log(step + 1, metrics)
         if args.sample_every and (step + 1) % args.sample_every == 0:
-            logger.samples(step + 1, sample_table(terms, rewards, responses, G))
+            logger.samples(step + 1, sample_table(local_terms, local_rewards, local_responses, G))
 
         # 8) checkpoint
         if done or (args.save_every and (step + 1) % args.save_every == 0):
@@ -1216,8 +1281,10 @@ def main(args: Args) -> None:
     pool.shutdown()
     if judge is not None:
         judge.close()
+    logger.close(out)
     accelerator.print(f"done: {total_steps} steps, checkpoints in {out}")
 
 
 if __name__ == "__main__":
+    data.quiet_libraries()
     main(tyro.cli(Args))

@@ -29,10 +29,22 @@ SHARED_DATA = Path(os.environ.get("PR1_SHARED_DATA", ROOT.parent / "shared" / "d
 
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Run the slow tests first (the long ones should not start last), and keep the tests that share
+    an expensive fixture (an engine, a served model, the warm-started model) on one xdist worker."""
+    groups = {"vllm_server": "vllm_server", "engine": "engine", "warm_demo": "warm_demo"}
+    for item in items:
+        for fixture, group in groups.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2.5-VL checkpoint folder (built offline, seed 0)."""
-    from tiny_model import build_tiny_model
+    from demo.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
 
@@ -40,9 +52,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The demo dataset (train 64 / test 16 rows, JSONL + parquet + PNGs)."""
-    from demo_data import generate
+    from demo.demo_data import generate
 
     return generate(tmp_path_factory.mktemp("demo_data"), num_train=64, num_test=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def warm_demo(tmp_path_factory) -> tuple[Path, Path]:
+    """(demo data folder, warm-started tiny model folder) exactly as `make demo` builds them: 256
+    training problems, and the tiny model fine-tuned 100 steps on their solutions so that it writes
+    the <think>/<answer> layout part of the time. Built once per test session (about 30 s)."""
+    from demo.demo_data import generate
+    from demo.tiny_model import build_tiny_model, warm_start
+
+    root = tmp_path_factory.mktemp("warm_demo")
+    demo_dir = generate(root / "demo", num_train=256, num_test=0, seed=0, parquet=False)
+    model = build_tiny_model(root / "warm", seed=0)
+    warm_start(model, demo_dir / "train.jsonl", steps=100, lr=3e-3, max_pixels=50_176)
+    return demo_dir, model
 
 
 @pytest.fixture(scope="session")
@@ -107,14 +134,16 @@ class FakeOpenAI:
     is the assistant message, (status, text) an HTTP error, None an HTTP 400; an async `reply` may
     also sleep or close the connection (`request` is passed when it takes two arguments).
     `/v1/models` lists `models`. `ports` holds two listening ports (several-URL tests); every chat
-    request body is kept in `requests`. Use as a context manager or start()/stop().
+    request body is kept in `requests`, and `max_in_flight` is the most requests answered at once.
+    Use as a context manager or start()/stop().
     """
 
     def __init__(self, reply, models=("fake",), lifetime_s: float = 900.0):
         import threading
 
         self.reply, self.models, self.lifetime_s = reply, list(models), lifetime_s
-        self.requests: list[dict] = []
+        self.requests: list[dict] = []  # bodies, with the port and Authorization header added
+        self.in_flight = self.max_in_flight = 0  # requests being answered now / at most so far
         self.lock = threading.Lock()
 
     @property
@@ -132,13 +161,19 @@ class FakeOpenAI:
         from aiohttp import web
 
         body = await request.json()
-        body["_port"] = request.url.port
+        body["_port"], body["_auth"] = request.url.port, request.headers.get("Authorization")
         with self.lock:
             self.requests.append(body)
-        nargs = len(inspect.signature(self.reply).parameters)
-        out = self.reply(body, request) if nargs == 2 else self.reply(body)
-        if asyncio.iscoroutine(out):
-            out = await out
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            nargs = len(inspect.signature(self.reply).parameters)
+            out = self.reply(body, request) if nargs == 2 else self.reply(body)
+            if asyncio.iscoroutine(out):
+                out = await out
+        finally:
+            with self.lock:
+                self.in_flight -= 1
         if isinstance(out, web.StreamResponse):
             return out
         if out is None:

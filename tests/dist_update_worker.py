@@ -40,7 +40,8 @@ def fixed_samples(model_dir: str, demo_dir: str, n: int = 16) -> tuple[list[dict
     return samples, processor.tokenizer.pad_token_id
 
 
-def main(model_dir: str, demo_dir: str, out_path: str) -> None:
+def update_results(model_dir: str, demo_dir: str) -> dict:
+    """{loss aggregation: {"loss": the logged loss, "params": updated parameters}} on this process's share."""
     from accelerate import Accelerator
     from transformers import AutoModelForImageTextToText
 
@@ -62,9 +63,16 @@ def main(model_dir: str, demo_dir: str, out_path: str) -> None:
         loss = accelerator.reduce(torch.tensor([stats["loss"]]), reduction="mean")
         params = torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(model).parameters()])
         result[agg] = {"loss": float(loss), "params": params.clone()}
-    if accelerator.is_main_process:
+    return result
+
+
+def main(model_dir: str, demo_dir: str, out_path: str) -> None:
+    from accelerate import PartialState
+
+    result = update_results(model_dir, demo_dir)
+    if PartialState().is_main_process:
         torch.save(result, out_path)
-    accelerator.wait_for_everyone()
+    PartialState().wait_for_everyone()
 
 
 if __name__ == "__main__":

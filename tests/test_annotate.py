@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hashlib
 import io
 import json
@@ -12,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,95 +20,45 @@ import pytest
 
 import annotate
 import data
+from conftest import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------
-# A scripted OpenAI-compatible server (127.0.0.1 only, stops with the `with` block)
+# A scripted OpenAI-compatible server (conftest.FakeOpenAI answering from scripts)
 # ---------------------------------------------------------------------------------------------
-class FakeServer:
-    """Answers /v1/chat/completions from scripts, deterministically.
+class FakeServer(FakeOpenAI):
+    """Answers deterministically from scripts. distil requests (with an image) are matched by the
+    sha256 of their image data URL: `distil[sha] = [reply for request 1, reply for request 2, ...]`
+    (the last one repeats). extract requests (text only) are matched by a solution string contained
+    in the user text: `extract[solution] = reply`. Anything unmatched gets HTTP 400. Image requests
+    are checked for the OpenAI wire format (a PNG data URL that PIL can verify)."""
 
-    distil requests (with an image) are matched by the sha256 of their image data URL:
-    `distil[sha] = [reply for request 1, reply for request 2, ...]` (the last one repeats).
-    extract requests (text only) are matched by a solution string contained in the user text:
-    `extract[solution] = reply`. Anything unmatched gets HTTP 400. Every request is checked for
-    the OpenAI wire format and logged in `self.requests`.
-    """
-
-    def __init__(self, delay_s: float = 0.0, lifetime_s: float = 120.0):
+    def __init__(self, delay_s: float = 0.0):
         self.distil: dict[str, list[str]] = {}
         self.extract: dict[str, str] = {}
         self.delay_s = delay_s
-        self.lifetime_s = lifetime_s  # bounded: the server stops by itself after this
-        self.requests: list[dict] = []
-        self.seen: dict[str, int] = {}
-        self.lock = threading.Lock()
+        self.seen: collections.Counter = collections.Counter()
+        super().__init__(self._reply)
 
-    async def _handle(self, request):
-        from aiohttp import web
-
-        body = await request.json()
+    async def _reply(self, body):
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        with self.lock:
-            self.requests.append(body)
         user = body["messages"][-1]["content"]
-        if isinstance(user, list):  # multimodal: text and image_url parts
-            urls = [p["image_url"]["url"] for p in user if p["type"] == "image_url"]
-            assert urls and all(u.startswith("data:image/png;base64,") for u in urls)
-            from PIL import Image
+        if not isinstance(user, list):
+            return next((r for sol, r in self.extract.items() if sol in user), None)
+        urls = [p["image_url"]["url"] for p in user if p["type"] == "image_url"]  # multimodal: text + image
+        assert urls and all(u.startswith("data:image/png;base64,") for u in urls)
+        from PIL import Image
 
-            Image.open(io.BytesIO(base64.b64decode(urls[0].split(",", 1)[1]))).verify()
-            sha = hashlib.sha256(urls[0].encode()).hexdigest()
-            with self.lock:
-                n = self.seen.get(sha, 0)
-                self.seen[sha] = n + 1
-            script = self.distil.get(sha)
-            reply = None if script is None else script[min(n, len(script) - 1)]
-        else:
-            reply = next((r for sol, r in self.extract.items() if sol in user), None)
-        if reply is None:
-            return web.json_response({"error": {"message": "no script for this request"}}, status=400)
-        return web.json_response({
-            "id": "x", "object": "chat.completion", "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": len(reply.split()), "total_tokens": 0}})
-
-    def __enter__(self):
-        from aiohttp import web
-
-        ready = threading.Event()
-
-        async def serve():
-            app = web.Application(client_max_size=64 * 2**20)
-            app.router.add_post("/v1/chat/completions", self._handle)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            self.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-            self._stop = asyncio.Event()
-            ready.set()
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.lifetime_s)
-            except asyncio.TimeoutError:
-                pass
-            await runner.cleanup()
-
-        def thread():
-            self.loop = asyncio.new_event_loop()
-            self.loop.run_until_complete(serve())
-
-        self.thread = threading.Thread(target=thread, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-        return self
-
-    def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(10)
+        Image.open(io.BytesIO(base64.b64decode(urls[0].split(",", 1)[1]))).verify()
+        sha = hashlib.sha256(urls[0].encode()).hexdigest()
+        with self.lock:
+            n = self.seen[sha]
+            self.seen[sha] += 1
+        script = self.distil.get(sha)
+        return None if script is None else script[min(n, len(script) - 1)]
 
 
 def sha_of_row_image(path, args: annotate.Args) -> str:
@@ -171,18 +121,6 @@ def test_normalise_facts():
     assert annotate.normalise_facts(None) == []
     assert annotate.format_facts(["x", "y"]) == "<info1>x</info1>\n<info2>y</info2>"
 
-
-def test_help_explains_every_option(capsys):
-    import dataclasses
-
-    with pytest.raises(SystemExit) as e:
-        annotate.main(["all", "--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
-    for f in dataclasses.fields(annotate.Args):
-        assert "--" + f.name.replace("_", "-") in text, f.name
-    with pytest.raises(SystemExit):
-        annotate.main(["nonsense"])
 
 
 def test_parquet_input_with_image_bytes_and_duplicate_ids(demo_dir, tmp_path):

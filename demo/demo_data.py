@@ -26,7 +26,7 @@ Output (under --output_dir): train.jsonl, test.jsonl, train.parquet, test.parque
 embedded as a Hugging Face `Image` feature), images/*.png.
 
 Usage
-    python demo_data.py --output_dir demo_data --num_train 256 --num_test 64 --seed 0
+    python -m demo.demo_data --output_dir demo_data --num_train 256 --num_test 64 --seed 0
 """
 
 from __future__ import annotations

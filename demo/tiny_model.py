@@ -18,8 +18,8 @@ Sizes (chosen so that vLLM's CPU attention kernels accept them, see DESIGN notes
     vocab:  `--vocab_size` byte-level BPE tokens + 9 special tokens
 
 Usage
-    python tiny_model.py --output_dir tiny_model            # writes ./tiny_model
-    python tiny_model.py --output_dir /tmp/m --seed 1       # another deterministic draw
+    python -m demo.tiny_model --output_dir tiny_model            # writes ./tiny_model
+    python -m demo.tiny_model --output_dir /tmp/m --seed 1       # another deterministic draw
 """
 
 from __future__ import annotations
@@ -252,25 +252,43 @@ def warm_start(model_dir: str | os.PathLike, data_file: str | os.PathLike, steps
     model.train()
     losses = []
     for _ in range(steps):
-        batch = rng.sample(examples, min(batch_size, len(examples)))
+        batch = collate_sft(rng.sample(examples, min(batch_size, len(examples))), processor.tokenizer.pad_token_id)
         opt.zero_grad()
-        total = 0.0
-        for enc, target in batch:  # one sequence at a time: no padding logic needed
-            ids = torch.cat([enc["input_ids"], torch.tensor([target])], dim=1)
-            labels = ids.clone()
-            labels[:, :enc["input_ids"].shape[1]] = -100
-            # image-token marks for Qwen2.5-VL's 3-D positions (as vLLM computes them)
-            types = torch.cat([enc["mm_token_type_ids"], torch.zeros((1, len(target)), dtype=enc["mm_token_type_ids"].dtype)], dim=1)
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
-                        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], labels=labels)
-            (out.loss / len(batch)).backward()
-            total += float(out.loss.detach()) / len(batch)
+        # image-token marks for Qwen2.5-VL's 3-D positions (as vLLM computes them)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
+                       image_grid_thw=batch["image_grid_thw"]).logits[:, :-1]
+        targets = batch["input_ids"][:, 1:]
+        mask = batch["loss_mask"][:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        loss = ((token_loss * mask).sum(1) / mask.sum(1)).mean()  # mean over sequences of their token mean
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(total)
+        losses.append(float(loss.detach()))
     model.eval()
     model.save_pretrained(model_dir)
     return losses
+
+
+def collate_sft(examples: list, pad_id: int) -> dict:
+    """Right-padded batch of (processor encoding of the prompt, target ids): the loss mask covers
+    the target tokens only."""
+    import torch
+
+    lengths = [enc["input_ids"].shape[1] + len(target) for enc, target in examples]
+    N, T = len(examples), max(lengths)
+    batch = {"input_ids": torch.full((N, T), pad_id), "attention_mask": torch.zeros((N, T), dtype=torch.long),
+             "mm_token_type_ids": torch.zeros((N, T), dtype=torch.long), "loss_mask": torch.zeros((N, T))}
+    for i, (enc, target) in enumerate(examples):
+        P, L = enc["input_ids"].shape[1], lengths[i]
+        batch["input_ids"][i, :L] = torch.cat([enc["input_ids"][0], torch.tensor(target)])
+        batch["attention_mask"][i, :L] = 1
+        batch["mm_token_type_ids"][i, :P] = enc["mm_token_type_ids"][0]
+        batch["loss_mask"][i, P:L] = 1.0
+    batch["pixel_values"] = torch.cat([enc["pixel_values"] for enc, _ in examples])
+    batch["image_grid_thw"] = torch.cat([enc["image_grid_thw"] for enc, _ in examples])
+    return batch
 
 
 def main(args: Args) -> None:
