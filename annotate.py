@@ -18,7 +18,7 @@ What it does
     become records with `status: "error"` and the reason naming the row; the run goes on.
 
 Papers
-    Perception-R1 (Xiao et al., arXiv 2506.07218), PAPER.md section 1, pipeline steps 1-3:
+    Perception-R1 (Xiao et al., arXiv 2506.07218), method section "visual annotation", steps 1-3:
     CoT distillation (Gemini-2.5-Pro), accuracy filter (Geometry3K train 2,101 -> 1,442 kept),
     annotation extraction (Qwen2.5-32B-Instruct).
 

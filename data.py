@@ -130,11 +130,14 @@ def open_image(value: Any, where: str = "image", base_dir: str | os.PathLike | N
 
 
 def resize_image(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
-    """Resize to the Qwen2.5-VL grid (see `smart_resize`). Idempotent."""
+    """Resize to the Qwen2.5-VL grid (see `smart_resize`). Idempotent. The result's
+    info["original_size"] keeps the (width, height) before resizing: Qwen2.5-VL answers boxes in
+    pixels of the image it sees, and gold boxes given for the original must be scaled to it."""
+    size = img.info.get("original_size", img.size)
     h, w = smart_resize(img.height, img.width, min_pixels, max_pixels)
-    if (h, w) == (img.height, img.width):
-        return img
-    return img.resize((w, h), Image.Resampling.BICUBIC)
+    out = img if (h, w) == (img.height, img.width) else img.resize((w, h), Image.Resampling.BICUBIC)
+    out.info["original_size"] = size
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +286,20 @@ def build_prompt(processor_or_tokenizer, problem: str, num_images: int = 1,
     """The chat-formatted prompt string (with the generation prefix) for one problem."""
     return processor_or_tokenizer.apply_chat_template(
         build_messages(problem, num_images, instruction), tokenize=False, add_generation_prompt=True)
+
+
+def row_prompt(processor_or_tokenizer, row: dict, num_images: int = 1, instruction: str | None = INSTRUCTION) -> str:
+    """The prompt of a dataset row. Geometry (no `task` column, or task "geometry"): the problem +
+    " " + instruction. A perception task of the sister paper (task grounding / counting / ocr /
+    detection): its prompt template (perception_rewards.TASK_PROMPTS) filled with the row's
+    `problem` and `classes`, images first, no instruction (those runs use no thinking)."""
+    task = row.get("task") or "geometry"
+    if task == "geometry":
+        return build_prompt(processor_or_tokenizer, row["problem"], num_images, instruction)
+    from perception_rewards import TASK_PROMPTS
+
+    text = TASK_PROMPTS[task].format(question=row["problem"], categories=", ".join(row.get("classes") or []))
+    return build_prompt(processor_or_tokenizer, text, num_images, None)
 
 
 # ---------------------------------------------------------------------------------------------

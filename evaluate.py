@@ -88,7 +88,9 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -260,6 +262,8 @@ class Sample:
     paper_text: Optional[str] = None  # the question text of the authors' evaluation script
     judge_choices: Optional[str] = None  # the choices the paper's answer judge sees (None: open-ended)
     extract_question: Optional[str] = None  # the question shown to the paper's LLM extractor (if any)
+    task: str = "geometry"  # or a perception task of the sister paper: grounding, counting, ocr, detection
+    classes: Optional[list[str]] = None  # detection: the category names the model may answer
 
 
 # name -> (HF dataset id, config, split, the row's id field)
@@ -271,7 +275,16 @@ BENCHMARKS: dict[str, tuple[str, Optional[str], str, str]] = {
     "wemath": ("We-Math/We-Math", None, "testmini", "ID"),
     "geometry3k": ("hiyouga/geometry3k", None, "test", "id"),
     "local": ("", None, "test", "id"),
+    # the sister paper's perception benchmarks (arXiv 2504.07954)
+    "refcoco": ("lmms-lab/RefCOCO", None, "val", "question_id"),
+    "refcoco+": ("lmms-lab/RefCOCOplus", None, "val", "question_id"),
+    "refcocog": ("lmms-lab/RefCOCOg", None, "val", "question_id"),
+    "pixmo_count": ("allenai/pixmo-count", None, "test", "image_sha256"),
+    "pageocr": ("", None, "test", "image"),  # a local Fox page-OCR file (en_page_ocr.json)
+    "coco_det": ("", None, "val", "image_id"),  # a local COCO file (annotations/instances_val2017.json)
 }
+TASK_OF = {"refcoco": "grounding", "refcoco+": "grounding", "refcocog": "grounding", "pixmo_count": "counting",
+           "pageocr": "ocr", "coco_det": "detection"}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -387,10 +400,61 @@ def to_sample_training(row: dict, base: Optional[str], name: str = "local") -> S
     rid = row.get("id", row.get("_index"))
     return Sample(name, str(rid), problem, images, str(row["answer"]), choices, None, None,
                   row.get("visual_key_info"), {}, base, paper_text=problem.replace(data.IMAGE_PLACEHOLDER, "").strip(),
-                  judge_choices=_lettered(choices) if choices else None)
+                  judge_choices=_lettered(choices) if choices else None, task=row.get("task") or "geometry",
+                  classes=row.get("classes"))
+
+
+def to_sample_refcoco(row: dict, base: Optional[str], name: str) -> Sample:
+    """lmms-lab/RefCOCO(+/g): question_id, image, answer (referring expressions), bbox [x, y, w, h]
+    in pixels of the original image. The first expression is the question."""
+    x, y, w, h = (float(v) for v in row["bbox"])
+    expr = row["answer"][0] if isinstance(row["answer"], (list, tuple)) else str(row["answer"])
+    return Sample(name, str(row["question_id"]), expr, _first_image(row, "image", "file_name"),
+                  json.dumps([x, y, x + w, y + h]), base_dir=base, task="grounding")
+
+
+def to_sample_pixmo(row: dict, base: Optional[str]) -> Sample:
+    """allenai/pixmo-count: image_url, image_sha256, count, points ([{x, y}], train only), label.
+    The images are not in the dataset: download image_url to <data folder>/<image_sha256>.jpg (or
+    give an `image` column)."""
+    images = _first_image(row, "image", "image_path") or [f"{row['image_sha256']}.jpg"]
+    points = [[p["x"], p["y"]] for p in row.get("points") or []]
+    return Sample("pixmo_count", str(row["image_sha256"]), str(row["label"]), images, json.dumps(points),
+                  meta={"count": int(row["count"])}, base_dir=base, task="counting")
+
+
+def to_sample_pageocr(row: dict, base: Optional[str]) -> Sample:
+    """Fox page OCR (the sister paper's PageOCR): image, conversations [{from: human}, {from: gpt,
+    value: the page text}]."""
+    text = next(c["value"] for c in row["conversations"] if c.get("from") == "gpt")
+    return Sample("pageocr", str(row["image"]), "text", [row["image"]], text, base_dir=base, task="ocr")
+
+
+def coco_rows(path: Path) -> list[dict]:
+    """A COCO detection file (instances_val2017.json) as one row per image: image (file next to
+    the json, or in ../val2017/), the gold boxes [x1, y1, x2, y2] in pixels and category names."""
+    coco = json.loads(path.read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    by_image = collections.defaultdict(list)
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        by_image[a["image_id"]].append({"bbox_2d": [x, y, x + w, y + h], "label": names[a["category_id"]]})
+    folder = path.parent if (path.parent / coco["images"][0]["file_name"]).exists() else path.parent.parent / "val2017"
+    return [{"image_id": im["id"], "image": str(folder / im["file_name"]), "objects": by_image[im["id"]],
+             "classes": [names[k] for k in sorted(names)]} for im in coco["images"]]
+
+
+def to_sample_coco(row: dict, base: Optional[str]) -> Sample:
+    return Sample("coco_det", str(row["image_id"]), "objects", [row["image"]], json.dumps(row["objects"]),
+                  base_dir=base, task="detection", classes=list(row["classes"]))
 
 
 def to_sample(name: str, row: dict, base: Optional[str]) -> Sample:
+    if TASK_OF.get(name) == "grounding":
+        return to_sample_refcoco(row, base, name)
+    loader = {"pixmo_count": to_sample_pixmo, "pageocr": to_sample_pageocr, "coco_det": to_sample_coco}.get(name)
+    if loader is not None:
+        return loader(row, base)
     kind = name if name in BENCHMARKS else "local"
     if kind == "mathvista":
         return to_sample_mathvista(row, base)
@@ -411,7 +475,10 @@ def load_benchmark(name: str, source: Optional[str] = None, limit: Optional[int]
     if not source:
         raise ValueError(f"benchmark '{name}' has no default source: pass --data {name}=FILE")
     path = Path(source)
-    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+    if name == "coco_det":  # one COCO annotation file, not rows
+        rows = coco_rows(path)[:limit]
+        base = str(path.resolve().parent)
+    elif path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
         rows = data.load_rows(str(path), limit=limit)
         base = str(path.resolve().parent)
     else:  # PLUMBING: Hugging Face hub (MathVerse needs its config name)
@@ -443,9 +510,19 @@ def sample_images(s: Sample, min_pixels: int, max_pixels: int) -> list:
 # =============================================================================================
 # 3. Prompts: the training protocol or the authors' evaluation protocol
 # =============================================================================================
+def perception_text(row: dict) -> str:
+    """The sister paper's prompt of a perception row (perception_rewards.TASK_PROMPTS)."""
+    from perception_rewards import TASK_PROMPTS
+
+    return TASK_PROMPTS[row["task"]].format(question=row["problem"], categories=", ".join(row.get("classes") or []))
+
+
 def sample_messages(s: Sample, num_images: int, protocol: str, instruction: str) -> list[dict]:
     """One user turn. training: the problem with images where `<image>` stands (data.build_messages).
     paper: every image first, then the authors' question text + " " + instruction."""
+    if s.task != "geometry":  # a perception task: its template, images first, no instruction
+        row = {"task": s.task, "problem": s.problem, "classes": s.classes}
+        return data.build_messages(perception_text(row), num_images, None)
     if protocol == "training":
         return data.build_messages(s.problem, num_images, instruction)
     text = f"{s.paper_text or s.problem} {instruction}"
@@ -521,14 +598,15 @@ def generate(args: EvalArgs, samples: list[Sample], out_path: Path) -> dict[str,
                     continue
                 messages = sample_messages(s, len(images), args.protocol, args.instruction)  # ALGO: the prompt
                 prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                batch.append((s, prompt))
+                frame = [*images[0].info.get("original_size", images[0].size), *images[0].size] if images else None
+                batch.append((s, prompt, frame))
                 inputs.append({"prompt": prompt, **({"multi_modal_data": {"image": images}} if images else {})})
             if inputs:
                 outputs = llm.generate(inputs, params, use_tqdm=False)
-                for (s, prompt), out in zip(batch, outputs):
+                for (s, prompt, frame), out in zip(batch, outputs):
                     data.append_jsonl(fh, {"benchmark": s.benchmark, "id": s.id, "prompt": prompt,
                                            "response": out.outputs[0].text, "protocol": args.protocol,
-                                           "finish_reason": out.outputs[0].finish_reason})
+                                           "finish_reason": out.outputs[0].finish_reason, "frame": frame})
                     counts["generated"] += 1
             bar.update(len(todo[start:start + args.batch_size]))
     return counts
@@ -985,20 +1063,85 @@ def perception_scores(judge, samples: list[Sample], responses: list[str]) -> lis
     return out
 
 
+def perception_score(response: str, s: Sample, frame: Optional[list] = None) -> dict:
+    """The sister paper's metrics of one perception answer: grounding Acc@0.5 (IoU of the first
+    box, `iou`), counting the exact count, OCR the exact text (and `edit_distance`), detection
+    every object found and nothing else (and `detections`, back in the original image's pixels,
+    for COCO AP). `frame` = (original w, h, resized w, h): the model answers in pixels of the
+    resized image (1:1 when unknown)."""
+    import perception_rewards as pr
+    from train_grpo import task_correct
+
+    sx, sy = (frame[2] / frame[0], frame[3] / frame[1]) if frame else (1.0, 1.0)
+    row = {"task": s.task, "answer": s.answer, "classes": s.classes, "problem": s.problem,
+           "_scale": (sx, sy, frame[2] if frame else 0, frame[3] if frame else 0)}
+    if s.task == "grounding":
+        boxes = pr.parse_boxes(response)
+        gold = json.loads(s.answer)
+        iou = pr.box_iou(boxes[0][0], [gold[0] * sx, gold[1] * sy, gold[2] * sx, gold[3] * sy]) if boxes else 0.0
+        return {"extracted": boxes[0][0] if boxes else "", "correct": iou >= 0.5, "iou": iou}
+    if s.task == "counting":
+        n = pr.predicted_count(response)
+        return {"extracted": n, "correct": n == s.meta.get("count", len(json.loads(s.answer)))}
+    if s.task == "ocr":
+        d = pr.ocr_edit_distance(response.strip(), s.answer)
+        return {"extracted": response.strip(), "correct": d == 0.0, "edit_distance": d}
+    preds = [[b[0] / sx, b[1] / sy, b[2] / sx, b[3] / sy, label] for b, label in
+             pr.detection_predictions(response, s.classes)]
+    return {"extracted": len(preds), "correct": task_correct("detection", response, row), "detections": preds}
+
+
+def detection_ap(rows: list[dict]) -> dict[str, float]:
+    """COCO AP, AP50, AP75 (pycocotools) of the rows' detections against their gold boxes; every
+    predicted box scores 1.0, as in the sister paper's evaluation."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    names = sorted({o["label"] for r in rows for o in json.loads(r["gold"])} |
+                   {d[4] for r in rows for d in r.get("detections", [])})
+    cat = {n: k + 1 for k, n in enumerate(names)}
+    gt, dets = COCO(), []
+    gt.dataset = {"images": [{"id": i} for i in range(len(rows))], "categories": [{"id": v} for v in cat.values()],
+                  "annotations": []}
+    for i, r in enumerate(rows):
+        for o in json.loads(r["gold"]):
+            x1, y1, x2, y2 = o["bbox_2d"]
+            gt.dataset["annotations"].append({"id": len(gt.dataset["annotations"]) + 1, "image_id": i, "iscrowd": 0,
+                                              "category_id": cat[o["label"]], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                              "area": (x2 - x1) * (y2 - y1)})
+        dets += [{"image_id": i, "category_id": cat[d[4]], "bbox": [d[0], d[1], d[2] - d[0], d[3] - d[1]],
+                  "score": 1.0} for d in r.get("detections", [])]
+    gt.createIndex()
+    if not dets:
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    evaluator = COCOeval(gt, gt.loadRes(dets), "bbox")
+    with contextlib.redirect_stdout(io.StringIO()):  # PLUMBING: pycocotools prints its whole table
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {"AP": float(evaluator.stats[0]), "AP50": float(evaluator.stats[1]), "AP75": float(evaluator.stats[2])}
+
+
 def score_rows(samples: list[Sample], responses: list[str], scoring: str, gold_parse: str,
-               answer_judge: JudgeArgs, judge=None) -> list[dict]:
+               answer_judge: JudgeArgs, judge=None, frames: Optional[list] = None) -> list[dict]:
     """Scores per (sample, response): `correct` is the headline of `scoring` (rule, llm, or both:
-    the rule first), with `correct_rule` / `correct_llm` and their extractions; `r_v` when judged."""
+    the rule first), with `correct_rule` / `correct_llm` and their extractions; `r_v` when judged.
+    Perception-task samples get the sister paper's metrics (perception_score) instead."""
     rows = []
-    for s, resp in zip(samples, responses):
+    for k, (s, resp) in enumerate(zip(samples, responses)):
+        if s.task != "geometry":
+            rows.append(perception_score(resp, s, frames[k] if frames else None))
+            continue
         ext, ok = score_response(resp, s, gold_parse)
         rows.append({"extracted": ext, "correct_rule": ok} if scoring != "llm" else {})
-    if scoring in ("llm", "both"):
-        for row, (shown, ok) in zip(rows, llm_score(samples, responses, answer_judge)):
-            row.update({"extracted_llm": shown, "correct_llm": ok})
-    for row in rows:
-        row["correct"] = row["correct_llm"] if scoring == "llm" else row["correct_rule"]
-        row["extracted"] = row.get("extracted", row.get("extracted_llm"))
+    maths = [k for k, s in enumerate(samples) if s.task == "geometry"]
+    if scoring in ("llm", "both") and maths:
+        judged = llm_score([samples[k] for k in maths], [responses[k] for k in maths], answer_judge)
+        for k, (shown, ok) in zip(maths, judged):
+            rows[k].update({"extracted_llm": shown, "correct_llm": ok})
+    for k in maths:
+        rows[k]["correct"] = rows[k]["correct_llm"] if scoring == "llm" else rows[k]["correct_rule"]
+        rows[k]["extracted"] = rows[k].get("extracted", rows[k].get("extracted_llm"))
     for row, rv in zip(rows, perception_scores(judge, samples, responses)):
         row["r_v"] = rv
     return rows
@@ -1029,6 +1172,12 @@ def summarize(rows: list[dict], skipped: Optional[dict] = None) -> dict:
                 entry[f"accuracy_{kind}"] = _mean([r.get(f"correct_{kind}") for r in rs])
         if any("correct_llm" in r for r in rs):
             entry["llm_no_verdict"] = sum(r.get("correct_llm") is None for r in rs)
+        if any("iou" in r for r in rs):
+            entry["mean_iou"] = _mean([r.get("iou") for r in rs])
+        if any("edit_distance" in r for r in rs):
+            entry["edit_distance"] = _mean([r.get("edit_distance") for r in rs])
+        if any("detections" in r for r in rs):
+            entry.update(detection_ap(rs))
         rv = [r.get("r_v") for r in rs if r.get("r_v") is not None]
         entry["r_v"] = _mean(rv)
         entry["r_v_n"] = len(rv)
@@ -1061,17 +1210,27 @@ SCORINGS = {"rule": "rule-based (strict extraction; MathVista/MATH-Vision offici
             "both": "rule-based headline, LLM judge alongside"}
 
 
+def task_metrics_text(entry: dict) -> str:
+    """The sister paper's extra metrics of a benchmark entry (accuracy is Acc@0.5 for grounding,
+    the exact count, the exact text for OCR, every object found for detection)."""
+    parts = [f"mean IoU {entry['mean_iou']:.3f}"] if entry.get("mean_iou") is not None else []
+    parts += [f"edit distance {entry['edit_distance']:.3f}"] if entry.get("edit_distance") is not None else []
+    parts += [f"AP {100 * entry['AP']:.1f} / AP50 {100 * entry['AP50']:.1f}"] if "AP" in entry else []
+    return ", ".join(parts) or "-"
+
+
 def markdown_report(summary: dict, title: str = "Evaluation", protocol: str = "training", scoring: str = "rule",
                     judge_model: Optional[str] = None) -> str:
     head = scoring if scoring != "both" else "rule"
     lines = [f"# {title}", "", f"Protocol: **{protocol}**: {PROTOCOLS.get(protocol, protocol)}.  ",
              f"Scoring: **{scoring}**: {SCORINGS.get(scoring, scoring)}"
              + (f"; answer judge `{judge_model}`" if scoring != "rule" and judge_model else "") + ".", "",
-             f"| benchmark | n | accuracy % ({head}) | rule % | LLM % | no LLM verdict | r_v (n) |",
-             "|---|---|---|---|---|---|---|"]
+             f"| benchmark | n | accuracy % ({head}) | rule % | LLM % | no LLM verdict | r_v (n) | task metrics |",
+             "|---|---|---|---|---|---|---|---|"]
     for bench, e in summary.items():
         lines.append(f"| {bench} | {e['n']} | {_pct(e['accuracy'])} | {_pct(e.get('accuracy_rule'))} | "
-                     f"{_pct(e.get('accuracy_llm'))} | {e.get('llm_no_verdict', '-')} | {_fmt(e['r_v'])} ({e['r_v_n']}) |")
+                     f"{_pct(e.get('accuracy_llm'))} | {e.get('llm_no_verdict', '-')} | {_fmt(e['r_v'])} ({e['r_v_n']}) | "
+                     f"{task_metrics_text(e)} |")
     for bench, e in summary.items():
         for key in [k for k in e if k.startswith("by_")]:
             lines += ["", f"## {bench} by {key[3:]} ({head} scoring)", "", f"| {key[3:]} | n | accuracy % |",
@@ -1130,7 +1289,8 @@ def eval_main(args: EvalArgs) -> dict:
     have = [s for s in samples if (s.benchmark, s.id) in generated]
     skipped = collections.Counter(s.benchmark for s in samples if (s.benchmark, s.id) not in generated)
     responses = [generated[(s.benchmark, s.id)]["response"] for s in have]
-    scores = score_rows(have, responses, args.scoring, args.gold_parse, args.answer_judge, judge)
+    frames = [generated[(s.benchmark, s.id)].get("frame") for s in have]
+    scores = score_rows(have, responses, args.scoring, args.gold_parse, args.answer_judge, judge, frames)
     rows = [{"benchmark": s.benchmark, "id": s.id, "prompt": generated[(s.benchmark, s.id)]["prompt"],
              "response": r, "gold": s.answer, "protocol": args.protocol, "scoring": args.scoring, **sc, "meta": s.meta}
             for s, r, sc in zip(have, responses, scores)]

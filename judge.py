@@ -5,7 +5,8 @@ What this file does
     stored as "<info1>fact</info1>\\n<info2>fact</info2>...". For every sampled response a
     text-only judging LLM reads the facts and the response and answers, per fact, whether the
     response clearly states it (presence, not correctness): one `<infoK>1|0</infoK>` tag per
-    fact. The visual perception reward is the mean of those verdicts (PAPER.md section 1).
+    fact. The visual perception reward is the mean of those verdicts (Perception-R1, arXiv
+    2506.07218, method section "visual perception reward").
     This file owns the rubric prompt, the parser, an async client for any OpenAI-compatible
     server (`vllm serve`), an in-process vLLM backend, a cheap deterministic backend, and a CLI
     to judge or calibrate on a JSONL file. train_grpo.py imports `JudgeArgs`, `build_judge`.

@@ -17,8 +17,8 @@ What this file does
 
 Papers
     Perception-R1: Pioneering Perception Policy with Reinforcement Learning, arXiv:2504.07954
-        (the rewards; the released code is github.com/linkangheng/PR1, read as described in
-        the project's notes; its OCR reward was never released, see ocr_reward)
+        (the rewards; the released code is github.com/linkangheng/PR1, whose behaviour we follow
+        where noted below; its OCR reward was never released, see ocr_reward)
     DETR, End-to-End Object Detection with Transformers, arXiv:2005.12872 (the matching cost
         5 * L1 + 1 * class + 2 * GIoU used by the detection reward)
     Generalized Intersection over Union, arXiv:1902.09630 (GIoU)
@@ -634,3 +634,31 @@ ANSWER_SYNTAX = {
                   "per object, in pixel coordinates."),
 }
 TASK_PROMPTS = {task: RELEASED_TEMPLATES[task] + "\n" + ANSWER_SYNTAX[task] for task in RELEASED_TEMPLATES}
+
+
+# =============================================================================================
+# 9. Evaluation metrics of the sister paper (evaluate.py; validation in train_grpo.py)
+# =============================================================================================
+def grounding_hit(response: str, gold_box: Sequence[float], threshold: float = 0.5) -> bool:
+    """Acc@0.5, the paper's grounding metric: the first predicted box has IoU >= threshold."""
+    boxes = parse_boxes(response)
+    return bool(boxes) and box_iou(boxes[0][0], _check_gold_box(gold_box)) >= threshold
+
+
+def predicted_count(response: str) -> int:
+    """The number of objects a counting answer names (boxes or points); 0 when nothing parses."""
+    return len(parse_points(response) or [])
+
+
+def ocr_edit_distance(response: str, gold_text: str) -> float:
+    """The released OCR evaluation's edit distance: ED(pred, gold) / max(|pred|, |gold|) on the raw
+    strings (lower is better); 0 when both are empty."""
+    longest = max(len(response), len(gold_text))
+    return Levenshtein.distance(response, gold_text) / longest if longest else 0.0
+
+
+def detection_predictions(response: str, class_names: Sequence[str]) -> list[tuple[Box, str]]:
+    """The valid (box, label) entries of a detection answer, [] when it does not parse (for AP:
+    the released evaluation gives every box the score 1.0)."""
+    parsed = _detection_entries(response, set(class_names))
+    return parsed[0] if parsed else []

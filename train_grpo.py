@@ -102,6 +102,16 @@ from judge import JudgeArgs, build_judge, has_annotations
 # =============================================================================================
 @dataclasses.dataclass
 class Args:
+    # --- task ---
+    task: Literal["geometry", "grounding", "counting", "ocr", "detection"] = "geometry"
+    """geometry: Perception-R1 (arXiv 2506.07218), the four rewards below. grounding / counting /
+    ocr / detection: the sister paper's rule-based perception rewards (arXiv 2504.07954,
+    perception_rewards.py) on rows with a `task` column; no judge, no instruction"""
+    iou_power: float = 2.0
+    """grounding: r = IoU ** iou_power (sister paper's released code: IoU**2; 1 = plain IoU)"""
+    detection_penalty: bool = False
+    """detection: subtract 0.5 * (false-positive rate + miss rate) (released code: off)"""
+
     # --- model and data ---
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     """policy checkpoint: hub id or local folder (paper: Qwen2.5-VL-7B-Instruct)"""
@@ -350,11 +360,14 @@ RewardFn = Callable[[str, dict], float]
 
 
 def reward_table(args: Args) -> dict[str, tuple[float, RewardFn | None]]:
-    """name -> (weight, reward function): the paper's R = 0.9 r_acc + 0.1 r_fmt + 0.7 r_v + r_p.
+    """name -> (weight, reward function): the paper's R = 0.9 r_acc + 0.1 r_fmt + 0.7 r_v + r_p,
+    or a perception task's table (task_reward_table).
 
     To add a reward: write a pure function (response, row) -> float and add one line here;
     logging, the sample table and validation follow from this table.
     """
+    if args.task != "geometry":
+        return task_reward_table(args)
     table = {
         "accuracy": (args.w_acc, lambda resp, row: accuracy_reward(resp, str(row["answer"]), args.gold_parse)),
         "format": (args.w_fmt, lambda resp, row: format_reward(resp)),
@@ -362,6 +375,97 @@ def reward_table(args: Args) -> dict[str, tuple[float, RewardFn | None]]:
         "repetition": (1.0, lambda resp, row: repetition_penalty(resp, args.rep_ngram, args.rep_max_penalty)),
     }
     return {name: term for name, term in table.items() if term[0] != 0 or name != "visual"}
+
+
+def task_reward_table(args: Args) -> dict[str, tuple[float, RewardFn | None]]:
+    """The sister paper's rewards (arXiv 2504.07954; released weights), one table per task:
+
+        grounding   R = IoU(box, gold) ** 2 + r_fmt
+        counting    R = min(P,G)/max(P,G) * (1 - mean matched distance / image diagonal)
+        ocr         R = 1 - edit distance / max length
+        detection   R = 0.25 fmt + 0.75 F1 + class accuracy + mean IoU   (in [0, 3])
+
+    plus "parsed" (weight 0, logged): 1 when the answer parses at all, so unparsable outputs are
+    counted. Gold coordinates are scaled into the frame the model answers in (task_gold).
+    """
+    import perception_rewards as pr
+
+    task = args.task
+    parsed = (0.0, lambda resp, row: float(bool(resp.strip())) if task == "ocr" else float(pr.parse_points(resp) is not None))
+    if task == "grounding":
+        return {"iou": (1.0, lambda resp, row: pr.grounding_reward(resp, task_gold(row)["box"], args.iou_power)),
+                "format": (1.0, lambda resp, row: pr.grounding_format_reward(resp)), "parsed": parsed}
+    if task == "counting":
+        return {"counting": (1.0, lambda resp, row: pr.counting_reward(resp, task_gold(row)["points"],
+                                                                       task_gold(row)["diagonal"])), "parsed": parsed}
+    if task == "ocr":
+        return {"ocr": (1.0, lambda resp, row: pr.ocr_reward(resp, str(row["answer"]))), "parsed": parsed}
+    return {"detection": (1.0, lambda resp, row: pr.detection_reward(
+        resp, task_gold(row)["boxes"], task_gold(row)["labels"], row["classes"], penalty=args.detection_penalty)),
+        "parsed": parsed}
+
+
+def task_gold(row: dict) -> dict:
+    """A perception row's gold answer in the frame the model answers in. Qwen2.5-VL writes boxes in
+    pixels of the image it is given, i.e. after our resize to the 28-px grid, so gold coordinates
+    (pixels of the original image, in the row's `answer` JSON) are scaled by resized / original
+    size (row["_scale"], set when the images are opened; 1 without it). grounding: {"box"};
+    counting: {"points", "diagonal"}; detection: {"boxes", "labels"}."""
+    sx, sy, w, h = row.get("_scale", (1.0, 1.0, 0, 0))
+    gold = json.loads(row["answer"])
+    if row["task"] == "grounding":
+        return {"box": [gold[0] * sx, gold[1] * sy, gold[2] * sx, gold[3] * sy]}
+    if row["task"] == "counting":
+        return {"points": [[x * sx, y * sy] for x, y in gold], "diagonal": math.hypot(w, h) if w else 1000 * math.sqrt(2)}
+    return {"boxes": [[e["bbox_2d"][0] * sx, e["bbox_2d"][1] * sy, e["bbox_2d"][2] * sx, e["bbox_2d"][3] * sy]
+                      for e in gold], "labels": [e["label"] for e in gold]}
+
+
+def task_correct(task: str, response: str, row: dict, accuracy: float | None = None) -> bool:
+    """Whether a validation answer is right: geometry r_acc = 1; grounding IoU >= 0.5 (Acc@0.5);
+    counting the exact count; OCR the exact text; detection every gold object found (IoU > 0.5,
+    same label) and nothing else (precision = recall = 1)."""
+    import perception_rewards as pr
+
+    if task == "geometry":
+        return accuracy == 1.0
+    if task == "ocr":
+        return " ".join(response.split()) == " ".join(str(row["answer"]).split())
+    gold = task_gold(row)
+    if task == "grounding":
+        return pr.grounding_hit(response, gold["box"])
+    if task == "counting":
+        return pr.predicted_count(response) == len(gold["points"])
+    pred = pr.detection_predictions(response, row["classes"])
+    target = list(zip(gold["boxes"], gold["labels"]))
+    if len(pred) != len(target):
+        return False
+    pairs = pr.hungarian_match(pr.detection_cost(pred, target)) if pred else []
+    return all(pr.box_iou(pred[i][0], target[j][0]) > 0.5 and pred[i][1] == target[j][1] for i, j in pairs)
+
+
+def task_row_errors(row: dict, task: str) -> list[str]:
+    """What keeps a row from serving a perception task (its `task` column and gold answer)."""
+    name = data.row_name(row)
+    if (row.get("task") or "geometry") != task:
+        return [f"{name}: field 'task' is {row.get('task')!r}, but this run trains --task {task}"]
+    if task == "ocr":
+        return []
+    try:
+        gold = task_gold(row)
+        if task == "detection":
+            bad = [lab for lab in gold["labels"] if lab not in (row.get("classes") or [])]
+            if bad:
+                return [f"{name}: field 'answer' has labels {bad} not in field 'classes'"]
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        return [f"{name}: field 'answer' is not a {task} answer ({type(e).__name__}: {e})"]
+    return []
+
+
+def with_frame(row: dict, images: list) -> dict:
+    """The row plus `_scale` = (x scale, y scale, width, height) of its (first) resized image."""
+    w0, h0 = images[0].info.get("original_size", images[0].size)
+    return {**row, "_scale": (images[0].width / w0, images[0].height / h0, images[0].width, images[0].height)}
 
 
 def mix_rewards(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -516,6 +620,10 @@ def load_checked_rows(accelerator, source: str, split: str, args: Args, what: st
     rank, world = accelerator.process_index, accelerator.num_processes
     local = data.find_bad_rows(rows[rank::world], require_facts, desc=f"checking {what} rows",
                                progress=accelerator.is_main_process)
+    if args.task != "geometry":  # a perception task: its `task` column and a readable gold answer
+        for row in rows[rank::world]:
+            if errors := task_row_errors(row, args.task):
+                local[row["_index"]] = local.get(row["_index"], []) + errors
     bad = dict(gather_object(list(local.items())) if world > 1 else local)  # PLUMBING: every rank sees all
     if not bad:
         return rows
@@ -835,13 +943,14 @@ def validate(llm, judge, pool, processor, val_rows: list[dict], args: Args, acce
     rank, world = accelerator.process_index, accelerator.num_processes
     local_rows = val_rows[rank::world]
     images = [data.row_images(r, args.min_pixels, args.max_pixels) for r in local_rows]
-    prompts = [data.build_prompt(processor, r["problem"], len(im), args.instruction)
-               for r, im in zip(local_rows, images)]
+    local_rows = [with_frame(r, im) for r, im in zip(local_rows, images)]
+    prompts = [data.row_prompt(processor, r, len(im), args.instruction) for r, im in zip(local_rows, images)]
     ids, _ = generate_rollouts(llm, prompts, images, args, f"val{step}-r{rank}", forbidden_ids, n=1, greedy=True)
     responses = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
     terms = run_together(accelerator, score_responses, responses, local_rows, args, judge, pool)
     records = [{"benchmark": "val", "id": str(row.get("id", row["_index"])), "prompt": prompt, "response": resp,
-                "gold": str(row["answer"]), "correct": terms["accuracy"][k] == 1.0,
+                "gold": str(row["answer"]),
+                "correct": task_correct(args.task, resp, row, terms.get("accuracy", [None] * len(responses))[k]),
                 "r_v": terms.get("visual", [None] * len(responses))[k] if has_annotations(row.get("visual_key_info"))
                 else None, "rewards": {name: vals[k] for name, vals in terms.items()}}
                for k, (row, prompt, resp) in enumerate(zip(local_rows, prompts, responses))]
@@ -1142,10 +1251,11 @@ def sample_table(terms: dict, rewards, responses: list[str], G: int) -> list[dic
 def load_data(accelerator, args: Args) -> tuple[list[dict], list[dict]]:
     """Training and validation rows, every one checked (section 7); prints how many gold answers
     the two --gold_parse policies read differently (deviation 7)."""
-    rows = load_checked_rows(accelerator, args.dataset, args.split, args, "training", require_facts=args.w_vis != 0)
+    rows = load_checked_rows(accelerator, args.dataset, args.split, args, "training",
+                             require_facts="visual" in reward_table(args))
     val_rows = (load_checked_rows(accelerator, args.val_dataset, args.val_split, args, "validation",
                                   require_facts=False, limit=args.val_limit) if args.val_dataset else [])
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and args.task == "geometry":
         print(gold_parse_report([str(r["answer"]) for r in rows], args.dataset)[1], flush=True)
     return rows, val_rows
 
@@ -1224,7 +1334,8 @@ def main(args: Args) -> None:
         idx = batch_indices(len(rows), step, args.prompts_per_step, args.seed)
         local_rows = [rows[i] for i in idx[rank * local_B:(rank + 1) * local_B]]
         local_images = [data.row_images(r, args.min_pixels, args.max_pixels) for r in local_rows]
-        local_prompts = [data.build_prompt(processor, r["problem"], len(im), args.instruction)
+        local_rows = [with_frame(r, im) for r, im in zip(local_rows, local_images)]  # PLUMBING: gold box scale
+        local_prompts = [data.row_prompt(processor, r, len(im), args.instruction)
                          for r, im in zip(local_rows, local_images)]
 
         # 2) rollouts: G responses per prompt, groups contiguous, with vLLM's log-prob per token

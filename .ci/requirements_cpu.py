@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import email
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-
-from packaging.requirements import Requirement
 
 DROP = {"torch", "torchvision", "torchaudio", "torchcodec"}  # installed by the Makefile's first step
 HEADER = """\
@@ -48,11 +47,13 @@ def wheel_metadata(wheel: Path) -> email.message.Message:
 
 
 def runtime_requirements(meta: email.message.Message) -> list[str]:
-    """Requires-Dist lines that apply without extras, minus the torch family."""
+    """Requires-Dist lines that apply without extras, minus the torch family (standard library
+    only: this runs before the environment exists)."""
     keep = []
     for line in meta.get_all("Requires-Dist") or []:
-        req = Requirement(line)
-        if req.name.lower() in DROP or (req.marker and "extra" in str(req.marker)):
+        name = re.match(r"[A-Za-z0-9_.\-]+", line).group(0).lower()
+        marker = line.split(";", 1)[1] if ";" in line else ""
+        if name in DROP or re.search(r"\bextra\s*==", marker):
             continue
         keep.append(line)
     return keep

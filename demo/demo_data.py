@@ -2,8 +2,9 @@
 
 What it is for
     The paper trains on 1,442 Geometry3K problems whose `visual_key_info` was extracted from
-    Gemini solutions (PAPER.md section 1). We cannot download those here, so the CPU demo and
-    the tests use problems drawn with PIL, in exactly the training schema:
+    Gemini solutions (Perception-R1, arXiv 2506.07218, method section "visual annotation"). We
+    cannot download those here, so the CPU demo and the tests use problems drawn with PIL, in
+    exactly the training schema:
 
         id, kind, split     provenance ("demo-train-00007", the problem family, the split)
         problem             "<image>Find AC." - the numbers are only in the picture
@@ -32,6 +33,7 @@ Usage
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import re
@@ -39,6 +41,8 @@ from pathlib import Path
 
 import tyro
 from PIL import Image, ImageDraw, ImageFont
+
+from judge import format_facts
 
 SIZE = 336  # pixels per side (12 x 12 Qwen2.5-VL merged tokens at full size)
 
@@ -55,6 +59,10 @@ class Args:
     """random seed; the same seed gives the same files"""
     no_parquet: bool = False
     """write only the JSONL files (skips the `datasets` import)"""
+    task: str = "geometry"
+    """geometry (the Perception-R1 demo: diagrams with visual facts), one of the sister paper's
+    perception tasks (grounding, counting, ocr, detection: synthetic shapes, dots and words with
+    gold boxes, points or text), or "all" (geometry in output_dir, each task in output_dir/<task>)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,11 +303,6 @@ def solve_from_facts(kind: str, facts: list[str]) -> int:
     raise ValueError(f"unknown problem family {kind!r}")
 
 
-def format_facts(facts: list[str]) -> str:
-    """['AB = 3', ...] -> '<info1>AB = 3</info1>\\n<info2>...' (the paper's storage format)."""
-    return "\n".join(f"<info{k}>{f}</info{k}>" for k, f in enumerate(facts, 1))
-
-
 def make_choices(answer: int, rng: random.Random) -> list[str]:
     """Four distinct positive options including the answer, in increasing order."""
     opts = {answer}
@@ -328,7 +331,7 @@ def make_row(split: str, index: int, rng: random.Random, image_dir: Path) -> dic
         "choices": choices,
         "answer_letter": "ABCD"[choices.index(str(answer))],
         "images": [f"images/{name}"],
-        "visual_key_info": format_facts(facts),
+        "visual_key_info": format_facts(facts),  # judge.format_facts: "<info1>fact</info1>..."
         "solution": solution,
     }
 
@@ -349,6 +352,94 @@ def generate(output_dir: str | Path, num_train: int = 256, num_test: int = 64, s
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The sister paper's perception tasks (arXiv 2504.07954): grounding, counting, OCR, detection
+# ---------------------------------------------------------------------------------------------
+TASK_SIZE = 224  # pixels per side: a multiple of 28, so the images are not resized (8 x 8 tokens)
+TASKS = ("grounding", "counting", "ocr", "detection")
+SHAPES = ("circle", "square", "triangle")  # also the detection classes
+COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220)}
+WORDS = ("cat", "sun", "map", "tree", "blue", "seven", "river", "glass", "robot", "apple", "stone", "paper")
+
+
+def _shape(draw, kind: str, box: list[int], color) -> None:
+    x1, y1, x2, y2 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=color)
+    elif kind == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=color)
+
+
+def _free_boxes(rng: random.Random, n: int, lo: int = 36, hi: int = 72) -> list[list[int]]:
+    """n non-overlapping square boxes [x1, y1, x2, y2] inside the canvas."""
+    boxes = []
+    while len(boxes) < n:
+        s = rng.randint(lo, hi)
+        x, y = rng.randint(4, TASK_SIZE - s - 4), rng.randint(4, TASK_SIZE - s - 4)
+        box = [x, y, x + s, y + s]
+        if all(box[2] + 4 < b[0] or b[2] + 4 < box[0] or box[3] + 4 < b[1] or b[3] + 4 < box[1] for b in boxes):
+            boxes.append(box)
+    return boxes
+
+
+def task_row(task: str, rng: random.Random) -> tuple[Image.Image, str, str, str, dict]:
+    """(image, problem, answer, solution, extra columns) of one synthetic task problem. Gold
+    coordinates are pixels of the image (x1, y1, x2, y2); solutions are in Qwen2.5-VL's JSON."""
+    img = Image.new("RGB", (TASK_SIZE, TASK_SIZE), "white")
+    draw = ImageDraw.Draw(img)
+    if task == "ocr":
+        text = " ".join(rng.sample(WORDS, rng.randint(1, 2)))
+        draw.text((TASK_SIZE / 2, TASK_SIZE / 2), text, fill="black", font=_font(30), anchor="mm")
+        return img, "text", text, text, {}
+    if task == "counting":
+        color, other = rng.sample(list(COLORS), 2)
+        boxes = _free_boxes(rng, rng.randint(2, 6) + rng.randint(0, 2), lo=14, hi=22)
+        n = rng.randint(2, len(boxes))
+        for k, box in enumerate(boxes):
+            draw.ellipse(box, fill=COLORS[color if k < n else other])
+        points = [[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in boxes[:n]]
+        entries = [{"bbox_2d": b, "label": f"{color} dot"} for b in boxes[:n]]
+        return img, f"{color} dots", json.dumps(points), json.dumps(entries), {}
+    k = rng.randint(2, 3) if task == "grounding" else rng.randint(1, 4)
+    boxes = _free_boxes(rng, k)
+    objects = [(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in boxes]
+    if task == "grounding":
+        objects = list({(s, c): None for s, c in objects})  # distinct (shape, colour) pairs
+        while len(objects) < len(boxes):
+            objects.append((rng.choice(SHAPES), rng.choice(list(COLORS))))
+            objects = list(dict.fromkeys(objects))
+    for box, (shape, color) in zip(boxes, objects):
+        _shape(draw, shape, box, COLORS[color])
+    if task == "grounding":
+        t = rng.randrange(len(boxes))
+        name = f"{objects[t][1]} {objects[t][0]}"
+        return img, name, json.dumps(boxes[t]), json.dumps([{"bbox_2d": boxes[t], "label": name}]), {}
+    entries = [{"bbox_2d": b, "label": s} for b, (s, _) in zip(boxes, objects)]
+    return img, "objects", json.dumps(entries), json.dumps(entries), {"classes": list(SHAPES)}
+
+
+def generate_task(output_dir: str | Path, task: str, num_train: int = 256, num_test: int = 64, seed: int = 0) -> Path:
+    """Write one task's dataset (train.jsonl, test.jsonl, images/) in the training schema plus a
+    `task` column; deterministic for `seed`. Returns the folder."""
+    from data import write_jsonl
+
+    out = Path(output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", num_train), ("test", num_test)):
+        rng = random.Random(f"{seed}-{task}-{split}")
+        rows = []
+        for i in range(n):
+            img, problem, answer, solution, extra = task_row(task, rng)
+            name = f"{task}_{split}_{i:05d}.png"
+            img.save(out / "images" / name)
+            rows.append({"id": f"{task}-{split}-{i:05d}", "task": task, "split": split, "problem": problem,
+                         "answer": answer, "images": [f"images/{name}"], "solution": solution, **extra})
+        write_jsonl(out / f"{split}.jsonl", rows)
+    return out
+
+
 def write_parquet(path: Path, rows: list[dict], base: Path) -> None:
     """Parquet with the images embedded (Hugging Face `Image` feature), like hub datasets."""
     import datasets
@@ -366,8 +457,15 @@ def write_parquet(path: Path, rows: list[dict], base: Path) -> None:
 
 
 def main(args: Args) -> None:
-    out = generate(args.output_dir, args.num_train, args.num_test, args.seed, parquet=not args.no_parquet)
-    print(f"wrote {args.num_train} train + {args.num_test} test problems to {out}/")
+    if args.task not in ("geometry", "all", *TASKS):
+        raise SystemExit(f"--task must be geometry, all or one of {TASKS}, got {args.task!r}")
+    if args.task in ("geometry", "all"):
+        out = generate(args.output_dir, args.num_train, args.num_test, args.seed, parquet=not args.no_parquet)
+        print(f"wrote {args.num_train} train + {args.num_test} test geometry problems to {out}/")
+    for task in TASKS if args.task == "all" else [args.task] if args.task != "geometry" else []:
+        folder = Path(args.output_dir) / task if args.task == "all" else Path(args.output_dir)
+        out = generate_task(folder, task, args.num_train, args.num_test, args.seed)
+        print(f"wrote {args.num_train} train + {args.num_test} test {task} problems to {out}/")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ What it is for
     The weights are random (seeded), so the model produces gibberish. Tests use it for
     transport, shapes and invariances; the training demo uses it to show the machinery move.
 
-Sizes (chosen so that vLLM's CPU attention kernels accept them, see DESIGN notes):
+Sizes (chosen so that vLLM's CPU attention kernels accept them: head_dim 16 is rejected, 64 works):
     text:   hidden 128, 2 layers, 2 query heads, 1 KV head, head_dim 64, M-RoPE [8, 12, 12]
     vision: hidden 32, depth 2, 2 heads, patch 14, merge 2, out_hidden_size 128 (= text hidden)
     vocab:  `--vocab_size` byte-level BPE tokens + 9 special tokens
@@ -225,7 +225,8 @@ def build_tiny_model(output_dir: str | os.PathLike, seed: int = 0, vocab_size: i
 def warm_start(model_dir: str | os.PathLike, data_file: str | os.PathLike, steps: int = 150,
                lr: float = 3e-3, max_pixels: int = 50_176, batch_size: int = 8, seed: int = 0) -> list[float]:
     """Supervised fine-tuning of the tiny model on (prompt -> row["solution"]), loss on the
-    solution tokens only; overwrites the weights in `model_dir`. Returns the loss per step."""
+    solution tokens only; overwrites the weights in `model_dir`. Returns the loss per step. The
+    prompt is the training prompt of the row (data.row_prompt: geometry or a perception task)."""
     import random
 
     import torch
@@ -242,8 +243,7 @@ def warm_start(model_dir: str | os.PathLike, data_file: str | os.PathLike, steps
     examples = []
     for row in rows:  # tokenise once: prompt ids from the processor (image tokens expanded)
         images = data.row_images(row, 3136, max_pixels)
-        enc = processor(text=[data.build_prompt(processor, row["problem"], len(images))], images=images,
-                        return_tensors="pt")
+        enc = processor(text=[data.row_prompt(processor, row, len(images))], images=images, return_tensors="pt")
         target = processor.tokenizer(row["solution"], add_special_tokens=False)["input_ids"] + [eos]
         examples.append((enc, target))
     torch.manual_seed(seed)

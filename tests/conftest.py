@@ -33,7 +33,8 @@ SHARED_DATA = Path(os.environ.get("PR1_SHARED_DATA", ROOT.parent / "shared" / "d
 def pytest_collection_modifyitems(config, items):
     """Run the slow tests first (the long ones should not start last), and keep the tests that share
     an expensive fixture (an engine, a served model, the warm-started model) on one xdist worker."""
-    groups = {"vllm_server": "vllm_server", "engine": "engine", "warm_demo": "warm_demo"}
+    groups = {"vllm_server": "vllm_server", "engine": "engine", "warm_demo": "warm_demo",
+              "warm_grounding": "warm_grounding"}
     for item in items:
         for fixture, group in groups.items():
             if fixture in getattr(item, "fixturenames", ()):
@@ -231,3 +232,28 @@ class FakeOpenAI:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory) -> Path:
+    """The four perception-task demo datasets (demo/demo_data.py --task all): 32 train and 8 test
+    rows each, in <root>/<task>/."""
+    from demo.demo_data import TASKS, generate_task
+
+    root = tmp_path_factory.mktemp("task_data")
+    for task in TASKS:
+        generate_task(root / task, task, num_train=32, num_test=8, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def warm_grounding(tmp_path_factory) -> tuple[Path, Path]:
+    """(grounding demo data, the tiny model warm-started 80 steps on its JSON box answers)."""
+    from demo.demo_data import generate_task
+    from demo.tiny_model import build_tiny_model, warm_start
+
+    root = tmp_path_factory.mktemp("warm_grounding")
+    data_dir = generate_task(root / "grounding", "grounding", num_train=128, num_test=16, seed=0)
+    model = build_tiny_model(root / "model", seed=0)
+    warm_start(model, data_dir / "train.jsonl", steps=80, lr=3e-3, max_pixels=50_176)
+    return data_dir, model

@@ -420,7 +420,7 @@ def test_perception_with_the_lexical_judge(demo_dir):
 # and the paper protocol with an LLM judge
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_eval_end_to_end_and_resume(tiny_model_dir, demo_dir, tmp_path, monkeypatch, request):
+def test_eval_end_to_end_and_resume(tiny_model_dir, demo_dir, task_data, tmp_path, monkeypatch, request):
     """Demo split (+ real MathVista/MATH-Vision slices where ../shared/data exists): generate, kill
     mid-write, resume, reports; imageless rows skipped and counted."""
     try:
@@ -495,8 +495,9 @@ def test_eval_end_to_end_and_resume(tiny_model_dir, demo_dir, tmp_path, monkeypa
     paper = tmp_path / "paper"
     with FakeOpenAI(lambda body: "<answer>1</answer>" if body["messages"][0]["content"].startswith("Below")
                     else "false", models=("judge72b",)) as server:
-        args = ["eval", "--protocol", "paper", "--model", str(tiny_model_dir), "--benchmarks", "demo",
-                "--data", f"demo={bench}", "--output_dir", str(paper), "--dtype", "float32", "--enforce_eager",
+        args = ["eval", "--protocol", "paper", "--model", str(tiny_model_dir), "--benchmarks", "demo", "ground",
+                "--data", f"demo={bench}", f"ground={task_data / 'grounding' / 'test.jsonl'}",
+                "--output_dir", str(paper), "--dtype", "float32", "--enforce_eager",
                 "--max_model_len", "4096", "--max_new_tokens", "16", "--limit", "2",
                 "--answer_judge.base_urls", server.base_url, "--answer_judge.model", "judge72b"]
         result = ev.main(args)
@@ -506,5 +507,10 @@ def test_eval_end_to_end_and_resume(tiny_model_dir, demo_dir, tmp_path, monkeypa
     saved = json.loads((paper / "summary.json").read_text())
     assert (saved["protocol"], saved["scoring"], saved["answer_judge"]) == ("paper", "llm", "judge72b")
     assert result["demo"]["accuracy"] == 0.0 and result["demo"]["n"] == 2  # the judge said false
+    # a perception task in the same run: its template prompt, the image frame, Acc@0.5 and mean IoU
+    ground = [r for r in gen if r["benchmark"] == "ground"]
+    assert len(ground) == 2 and ground[0]["frame"] == [224, 224, 224, 224] and "Output the bounding box" in ground[0]["prompt"]
+    assert result["ground"]["n"] == 2 and result["ground"]["mean_iou"] is not None
+    assert all(r["scoring"] == "llm" and "iou" in r for r in data.read_jsonl(paper / "samples.jsonl") if r["benchmark"] == "ground")
     with pytest.raises(SystemExit, match="not evaluated alike"):
         ev.main(["compare", str(out), str(paper)])
