@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import math
 import re
 import sys
 import time

@@ -13,7 +13,6 @@ import pytest
 
 import data
 import evaluate as ev
-import perception_rewards as pr
 import train_grpo as T
 from demo.demo_data import TASKS, TASK_SIZE
 
@@ -89,7 +88,7 @@ def test_every_task_trains_and_logs_its_rewards(tiny_model_dir, task_data, tmp_p
         rows = _metrics(out / task)
         assert [r["step"] for r in rows] == [0, 1, 2], task  # validation before training, then 2 steps
         for name in (*names, "parsed", "total"):
-            assert f"reward/{name}" in rows[-1] and 0.0 <= rows[-1][f"reward/parsed"] <= 1.0, (task, name)
+            assert f"reward/{name}" in rows[-1] and 0.0 <= rows[-1]["reward/parsed"] <= 1.0, (task, name)
         assert "reward/visual" not in rows[-1] and "judge/failure_rate" not in rows[-1]  # no judge
         assert {"val/accuracy", "val/parsed", f"val/{names[0]}"} <= set(rows[-1])
         val = data.read_jsonl(out / task / "val" / "step-2.jsonl")
