@@ -505,29 +505,77 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
 # =============================================================================================
 # 4. Token log-probs without a full (B*G, T, V) log-softmax
 # =============================================================================================
+class _TokenLogps(torch.autograd.Function):
+    """log p(y) = x_y - logsumexp(x) with x = logits[r] / temperature for L (position r, token y)
+    pairs of a (R, V) logits matrix, a block of positions at a time; the entropy of the same
+    softmax, sum_v p x_v subtracted from lse, comes from the same block (no gradient), when asked.
+
+    Memory: besides the logits and their one gradient tensor (zero where no pair reads a row),
+    only float32 blocks of about 2^22 values (16 MB) exist. Backward recomputes the softmax block
+    by block and writes d loss / d logits = (onehot(y) - p) * g / tau into the gradient. A plain
+    log_softmax keeps a float32 copy of the logits for backward and makes another in backward
+    (4.8 GB each for 8k tokens of Qwen's 152k vocabulary).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, targets, temperature, banned_ids, with_entropy):
+        L, dtype = rows.shape[0], torch.promote_types(logits.dtype, torch.float32)  # at least float32
+        logps, lse, entropy = logits.new_empty(L, dtype=dtype), logits.new_empty(L, dtype=dtype), logits.new_zeros(L, dtype=dtype)
+        for s, e in _blocks(L, logits.shape[-1]):
+            x = _scaled(logits[rows[s:e]], temperature, banned_ids)  # (block, V)
+            lse[s:e] = torch.logsumexp(x, dim=-1)
+            logps[s:e] = x.gather(-1, targets[s:e, None]).squeeze(-1) - lse[s:e]
+            if with_entropy:
+                p = torch.exp(x - lse[s:e, None])
+                entropy[s:e] = lse[s:e] - (p * x.nan_to_num(neginf=0.0)).sum(-1)
+        ctx.save_for_backward(logits, rows, targets, lse)
+        ctx.temperature, ctx.banned_ids = temperature, banned_ids
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        logits, rows, targets, lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        for s, e in _blocks(rows.shape[0], logits.shape[-1]):
+            g = grad_logps[s:e, None] / ctx.temperature  # (block, 1)
+            dx = torch.exp(_scaled(logits[rows[s:e]], ctx.temperature, ctx.banned_ids) - lse[s:e, None])  # softmax
+            dx.mul_(-g).scatter_add_(-1, targets[s:e, None], g.to(dx.dtype))  # (onehot - p) * g / tau
+            grad.index_add_(0, rows[s:e], dx.to(grad.dtype))
+        return grad, None, None, None, None, None
+
+
+def _blocks(n: int, width: int, values: int = 2 ** 22) -> list[tuple[int, int]]:
+    """(start, end) ranges over n rows of `width` values, about `values` values per block."""
+    step = max(1, values // width)
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _scaled(x, temperature, banned_ids):
+    """x / temperature in at least float32 with the banned columns at -inf (x is a fresh copy)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype) if temperature == 1.0 else x.to(dtype) / temperature
+    if banned_ids is not None and len(banned_ids):
+        x.index_fill_(-1, banned_ids, float("-inf"))
+    return x
+
+
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                 with_entropy: bool = False, banned_ids: torch.Tensor | None = None):
-    """log softmax(logits / temperature)[target] per position, one sequence at a time so that at
-    most one (T, V) float32 log-softmax exists at once (V is 152k for Qwen2.5-VL).
+    """log softmax(logits / temperature)[target] per position and the entropy of that softmax,
+    computed as logit - logsumexp one block of positions at a time (see _TokenLogps): memory stays
+    at one float32 block whatever the length and V (152k for Qwen2.5-VL).
 
     Dividing by the rollout temperature makes these the log-probs of the distribution vLLM sampled
     from (official code, TRL and EasyR1 do the same). `banned_ids` (the vision special tokens, which
     sampling never emits) are left out of the softmax for the same reason.
-    logits: (N, T, V), targets: (N, T) -> logps (N, T) [, entropy (N, T), no gradient]
+    logits: (..., V), targets: (...) -> logps [, entropy (no gradient)], shaped like targets
     """
-    logps, entropy = [], []
-    for row_logits, row_targets in zip(logits, targets):  # loop over N: memory, not speed
-        scaled = row_logits.float() / temperature  # (T, V), a fresh tensor
-        if banned_ids is not None and len(banned_ids):
-            scaled.index_fill_(-1, banned_ids, float("-inf"))  # in place: no second (T, V) copy
-        row_logp = scaled.log_softmax(dim=-1)  # (T, V)
-        logps.append(row_logp.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1))
-        if with_entropy:
-            with torch.no_grad():
-                p = row_logp.exp()
-                entropy.append(-(p * row_logp.masked_fill(p == 0, 0.0)).sum(-1))
-    logps = torch.stack(logps)
-    return (logps, torch.stack(entropy)) if with_entropy else logps
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = torch.arange(flat.shape[0], device=logits.device)
+    logps, entropy = _TokenLogps.apply(flat, rows, targets.reshape(-1), temperature, banned_ids, with_entropy)
+    logps, entropy = logps.view(targets.shape), entropy.view(targets.shape)
+    return (logps, entropy) if with_entropy else logps
 
 
 # =============================================================================================
@@ -777,15 +825,15 @@ def forward_logps(model, mb: dict, temperature: float = 1.0, with_entropy: bool 
                 mm_token_type_ids=mb["mm_token_type_ids"], pixel_values=mb["pixel_values"],
                 image_grid_thw=mb["image_grid_thw"], use_cache=False, logits_to_keep=keep)
     logits = out.logits  # (N, keep, V), position p of the sequence is row p - first
-    rows = (mb["positions"] - first).clamp(min=0)  # (N, T)
-    logps, entropy = [], []
-    for i in range(logits.shape[0]):  # one (T, V) slice at a time, never a second (N, T, V) copy
-        lp = token_logps(logits[i].index_select(0, rows[i]).unsqueeze(0), mb["completion_ids"][i:i + 1],
-                         temperature, with_entropy, mb.get("banned_ids"))
-        logps.append(lp[0] if with_entropy else lp)
-        if with_entropy:
-            entropy.append(lp[1])
-    return (torch.cat(logps), torch.cat(entropy)) if with_entropy else torch.cat(logps)
+    N, keep, V = logits.shape
+    mask = mb["completion_mask"] > 0  # (N, T)
+    # flat index of the logit predicting each completion token: one gradient tensor for all rows
+    rows = (torch.arange(N, device=logits.device)[:, None] * keep + mb["positions"] - first)[mask]  # (L,)
+    lp, ent = _TokenLogps.apply(logits.reshape(N * keep, V), rows, mb["completion_ids"][mask], temperature,
+                                mb.get("banned_ids"), with_entropy)
+    logps = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)  # (N, T)
+    entropy = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent)
+    return (logps, entropy) if with_entropy else logps
 
 
 def global_counts(accelerator, micro: list[dict]) -> tuple[float, float]:

@@ -140,19 +140,20 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def build_config(tok):
-    """Qwen2.5-VL config with tiny sizes; special-token ids point into our tokenizer."""
+def build_config(tok, hidden_size: int = 128, num_layers: int = 2):
+    """Qwen2.5-VL config with tiny sizes (benchmarks pass larger ones; head_dim stays 64);
+    special-token ids point into our tokenizer."""
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = len(tok)
     text = dict(
         vocab_size=vocab,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,  # head_dim = 128 / 2 = 64: vLLM's CPU attention rejects 16
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=1,  # head_dim = 64: vLLM's CPU attention rejects 16
         max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [8, 12, 12]},
         bos_token_id=ids["<|endoftext|>"],
@@ -169,7 +170,7 @@ def build_config(tok):
         spatial_merge_size=2,
         temporal_patch_size=2,
         window_size=112,
-        out_hidden_size=128,
+        out_hidden_size=hidden_size,
         fullatt_block_indexes=[1],
     )
     return Qwen2_5_VLConfig(
@@ -197,7 +198,8 @@ def build_processor(tok, min_pixels: int, max_pixels: int):
 
 
 def build_tiny_model(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 1024,
-                     min_pixels: int = 3136, max_pixels: int = 200_704) -> Path:
+                     min_pixels: int = 3136, max_pixels: int = 200_704, hidden_size: int = 128,
+                     num_layers: int = 2) -> Path:
     """Write the tiny checkpoint to `output_dir` and return its path. Deterministic for `seed`."""
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
@@ -205,7 +207,7 @@ def build_tiny_model(output_dir: str | os.PathLike, seed: int = 0, vocab_size: i
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(vocab_size)
-    config = build_config(tok)
+    config = build_config(tok, hidden_size, num_layers)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
     model.generation_config = GenerationConfig(
