@@ -208,8 +208,24 @@ class Args:
     micro_batch_size: int = 4
     """responses per forward/backward pass per process (memory knob; does not change the maths).
     Under DeepSpeed it is also DeepSpeed's train_micro_batch_size_per_gpu"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward to save memory"""
+    gradient_checkpointing: bool | None = None
+    """recompute activations in backward (vision tower included) to save memory; None = on when a
+    GPU is present (official: on), off on CPU where memory is not the limit"""
+
+    # --- fewer GPUs (README "On fewer GPUs"; ours, off by default: the paper trains everything) ---
+    freeze_vision_tower: bool = False
+    """the vision encoder gets no gradient and no optimizer state, and is not re-sent to vLLM"""
+    freeze_merger: bool = False
+    """with --freeze_vision_tower, freeze the vision-to-language merger too (default: it trains)"""
+    lora_r: int = 0
+    """LoRA rank on the language model (PEFT); 0 = full fine-tune (official). Only the adapters
+    train; vLLM receives merged weights; the KL reference (if any) is the adapter switched off"""
+    lora_alpha: float = 32.0
+    """LoRA scaling alpha (the update is alpha / r * B A)"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA input"""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """linear layers of the language model that get adapters (the vision tower never does, as in EasyR1)"""
 
     # --- validation (official: before training and every 5 steps, greedy) ---
     val_dataset: str | None = None
@@ -1023,13 +1039,15 @@ def val_metrics(records: list[dict]) -> dict[str, float]:
 # =============================================================================================
 # 11. Weight sync, checkpoints, logging (plumbing)
 # =============================================================================================
-def sync_weights_to_vllm(accelerator, model, llm) -> None:
+def sync_weights_to_vllm(accelerator, model, llm, changed_only: bool = True) -> None:
     """Push the policy's current weights into the colocated vLLM engine.
 
     `reload_weights` takes Hugging Face parameter names and handles vLLM's weight repacking
     (plain `load_weights` breaks on CPU). Under DeepSpeed ZeRO-3 parameters are sharded, so
     each one is gathered before it is sent. Prefix and multimodal caches are reset: they hold
     activations computed with the old weights.
+    changed_only: send only what training changes (trainable weights; merged layers under LoRA),
+    vLLM holding the rest already. False after a level-2 sleep, which discarded vLLM's weights.
     """
     unwrapped = accelerator.unwrap_model(model)
     if getattr(accelerator.state, "deepspeed_plugin", None) and accelerator.state.deepspeed_plugin.zero_stage == 3:
@@ -1037,11 +1055,12 @@ def sync_weights_to_vllm(accelerator, model, llm) -> None:
 
         def named():
             for name, p in unwrapped.named_parameters():
-                with deepspeed.zero.GatheredParameters([p]):
-                    yield name, p.data.detach().clone()
+                if p.requires_grad or not changed_only:
+                    with deepspeed.zero.GatheredParameters([p]):
+                        yield name, p.data.detach().clone()
         weights = named()
     else:
-        weights = ((name, p.detach()) for name, p in unwrapped.state_dict().items())
+        weights = iter(policy_weights(unwrapped, changed_only).items())
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
     llm.reset_mm_cache()
@@ -1056,6 +1075,9 @@ def configure_deepspeed(accelerator, args: Args) -> None:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
+    if args.lora_r and plugin.zero_stage == 3:
+        raise ValueError("--lora_r with DeepSpeed ZeRO-3 is not supported (LoRA fits without sharding the "
+                         "parameters): use configs/deepspeed_zero2.yaml or plain DDP")
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch_size
     plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
 
@@ -1071,9 +1093,14 @@ def save_checkpoint(accelerator, model, processor, out: Path, step: int, data_st
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
+    lora = hasattr(unwrapped, "get_base_model")
+    state_dict = policy_weights(unwrapped) if lora else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(tmp / "policy", state_dict=state_dict, safe_serialization=True)
+        if lora:  # the adapter alone, and the merged policy that vLLM and evaluate.py load
+            unwrapped.save_pretrained(tmp / "adapter")
+            unwrapped.get_base_model().save_pretrained(tmp / "policy", state_dict=state_dict, safe_serialization=True)
+        else:
+            unwrapped.save_pretrained(tmp / "policy", state_dict=state_dict, safe_serialization=True)
         processor.save_pretrained(tmp / "policy")
         (tmp / "state.json").write_text(json.dumps({"step": step, **data_state}, indent=2))
         if final.exists():
@@ -1203,28 +1230,95 @@ def run_config(args: Args) -> dict:
 # 12. main: setup helpers, then the loop
 # =============================================================================================
 def build_policy(args: Args, accelerator, total_steps: int):
-    """Processor, policy (float32 master weights), optional frozen reference, AdamW and the
+    """Processor, policy (float32 master weights; frozen vision tower or LoRA adapters on request,
+    a LoRA base in bf16 under bf16 mixed precision),
+    the reference for the KL term if it is on, AdamW over the trainable parameters and the
     warm-up-then-constant schedule, prepared by accelerate."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, get_constant_schedule_with_warmup
 
     # float32 master weights: an AdamW update at lr 1e-6 is far below bf16's resolution and would
     # round away. bf16 compute comes from accelerate's mixed_precision (configs/*.yaml).
     processor = AutoProcessor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    # Under LoRA the base weights are frozen and need no float32 master copy: with bf16 mixed
+    # precision they load in bf16 (half the memory); PEFT keeps the adapters in float32.
+    lora_bf16 = args.lora_r > 0 and accelerator.mixed_precision == "bf16"
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16 if lora_bf16 else torch.float32)
+    if args.gradient_checkpointing if args.gradient_checkpointing is not None else torch.cuda.is_available():
+        # every module that supports it (the language model and the vision blocks); non-reentrant:
+        # works when the inputs need no gradient (frozen embeddings under LoRA)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = freeze_and_adapt(model, args)
     ref_model = None
-    if args.kl_coef > 0:  # no reference model at all when KL is off (official default)
+    if args.kl_coef > 0 and args.lora_r:  # the base model is the policy with its adapters off
+        ref_model = AdapterOff(model)
+    elif args.kl_coef > 0:  # no reference model at all when KL is off (official default)
         ref_model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
         ref_model.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
     scheduler = get_constant_schedule_with_warmup(  # counted in optimizer steps
         optimizer, math.ceil(args.warmup_ratio * total_steps * args.ppo_epochs))
     configure_deepspeed(accelerator, args)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if ref_model is not None:
+    if isinstance(ref_model, torch.nn.Module):
         ref_model = ref_model.to(accelerator.device)
     return processor, model, ref_model, optimizer, scheduler
+
+
+def freeze_and_adapt(model, args: Args):
+    """--freeze_vision_tower: no gradient for the vision encoder (and the merger with
+    --freeze_merger). --lora_r: LoRA adapters (PEFT) on the language model's linear layers; every
+    base weight is then frozen."""
+    if args.freeze_vision_tower:
+        for name, p in model.named_parameters():
+            if ".visual." in f".{name}" and (args.freeze_merger or ".merger." not in name):
+                p.requires_grad_(False)
+    if args.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        # a full-match regex: the named linear layers inside the language model only
+        targets = rf".*language_model\..*\.({'|'.join(args.lora_target_modules)})"
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout, target_modules=targets))
+    return model
+
+
+class AdapterOff:
+    """Calls the LoRA policy with its adapters switched off, i.e. the base model: the KL reference
+    without a second copy of the weights."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **inputs):
+        with self.model.disable_adapter():
+            return self.model(**inputs)
+
+
+def policy_weights(model, changed_only: bool = False) -> dict[str, torch.Tensor]:
+    """The policy's weights under their Hugging Face names, LoRA adapters merged in
+    (W + alpha/r * B A): what vLLM loads and what a checkpoint's policy/ folder holds.
+    changed_only: just the weights training can change (trainable ones; under LoRA the merged
+    target layers), the base weights vLLM already holds being left out."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        if changed_only:
+            return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: t.detach() for n, t in model.state_dict().items()}
+    base, out = model.get_base_model(), {}
+    merged = {f"{name}.base_layer.weight": (f"{name}.weight", m) for name, m in base.named_modules()
+              if isinstance(m, LoraLayer)}
+    for name, tensor in base.state_dict().items():
+        if name in merged:
+            hf_name, layer = merged[name]
+            out[hf_name] = tensor + layer.get_delta_weight("default").detach()
+        elif ".lora_" not in name and ".base_layer." not in name and not changed_only:
+            out[name] = tensor
+        elif ".base_layer." in name and not changed_only:  # the bias of a LoRA layer
+            out[name.replace(".base_layer.", ".")] = tensor
+    return out
 
 
 def check_sizes(args: Args, num_rows: int, world: int) -> tuple[int, int]:
@@ -1369,7 +1463,7 @@ def main(args: Args) -> None:
     judge = build_judge(args.judge) if "visual" in weights else None
     llm = build_vllm(args, rank, world, max_images=max(len(r["images"]) for r in rows + val_rows))
     if start_step > 0:
-        sync_weights_to_vllm(accelerator, model, llm)  # PLUMBING: the engine starts from the base model
+        sync_weights_to_vllm(accelerator, model, llm, changed_only=False)  # PLUMBING: it loaded the base model
     pool = ThreadPoolExecutor(max_workers=1)  # the judge's thread
     logger = Logger(args, accelerator, run_config(args))
     run_val = lambda s: validate(llm, judge, pool, processor, val_rows, args, accelerator, s, banned_ids)  # noqa: E731
@@ -1414,8 +1508,8 @@ def main(args: Args) -> None:
 
         # 6) new weights into vLLM
         if args.vllm_sleep:
-            llm.wake_up()  # PLUMBING: weights back on the GPU before they are overwritten
-        sync_weights_to_vllm(accelerator, model, llm)  # PLUMBING
+            llm.wake_up()  # PLUMBING: memory back on the GPU; the sleep forgot every weight
+        sync_weights_to_vllm(accelerator, model, llm, changed_only=not args.vllm_sleep)  # PLUMBING
 
         # 7) validation, logging, sample table
         done = step + 1 == total_steps

@@ -4,6 +4,7 @@ and a dead judge stopping training."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -595,6 +596,36 @@ def test_weight_sync_makes_vllm_agree_with_the_policy(engine, tiny_model_dir):
     assert after_hf != before
     T.sync_weights_to_vllm(accelerator, model, engine["llm"])
     assert vllm_tokens("sync-b") == after_hf
+
+
+@pytest.mark.slow
+def test_lora_sync_makes_vllm_agree_with_the_merged_model(engine, tiny_model_dir):
+    """Under LoRA the sync sends the merged target layers only; vLLM then generates exactly the
+    adapted HF model's greedy tokens (not the base model's)."""
+    from accelerate import Accelerator
+    from vllm import SamplingParams
+
+    from transformers import AutoModelForImageTextToText
+
+    args = T.Args(model=str(tiny_model_dir), lora_r=8, lora_alpha=64)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    accelerator = Accelerator(cpu=True)
+    T.sync_weights_to_vllm(accelerator, base, engine["llm"])  # the engine starts from the base model
+    model = T.freeze_and_adapt(copy.deepcopy(base), args).eval()
+    with torch.no_grad():  # trained-looking adapters: large enough to change greedy tokens
+        g = torch.Generator().manual_seed(3)
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    T.sync_weights_to_vllm(accelerator, model, engine["llm"])
+    inputs = engine["processor"](text=[engine["prompt"]], images=engine["images"], return_tensors="pt")
+    hf = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    base_hf = base.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    req = {"prompt": engine["prompt"], "multi_modal_data": {"image": engine["images"]},
+           "multi_modal_uuids": {"image": ["lora-sync"]}}
+    out = engine["llm"].generate([req], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert hf.tolist() != base_hf.tolist()  # the adapters matter
+    assert list(out[0].outputs[0].token_ids) == hf.tolist()
 
 
 def _rollout_logps(engine, model, tag, temperature):
