@@ -836,6 +836,25 @@ def test_deepspeed_launch_saves_resumes_and_matches_an_uninterrupted_run(config,
 
 
 @pytest.mark.slow
+def test_zero_offload_config_trains(tiny_model_dir, demo_dir, tmp_path):
+    """configs/deepspeed_zero2_offload.yaml (README "On fewer GPUs": the optimizer in host RAM)
+    launches, builds DeepSpeed's CPU Adam and changes the weights."""
+    from safetensors.torch import load_file
+
+    from conftest import free_port
+
+    out = tmp_path / "offload"
+    cmd = tiny_run_args(tiny_model_dir, demo_dir, out, steps=2, extra=["--save_every", "2"])
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "configs" / "deepspeed_zero2_offload.yaml"), "--num_processes", "1", "--mixed_precision", "no",
+         "--main_process_port", str(free_port()), *cmd[1:]], timeout=600)
+    assert metrics(out)[0]["train/grad_norm"] > 0
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(out / "checkpoint-2" / "policy" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
 def test_dead_judge_endpoint_stops_training_with_a_clear_error(tiny_model_dir, demo_dir, tmp_path):
     from conftest import free_port
 
