@@ -60,6 +60,9 @@ Deviations from the paper / official code
     7. Gold answers without math delimiters are parsed as LaTeX math (`--gold_parse latex`): the
        official parse(gold) reads Geometry3K's "5 \\sqrt { 3 }" as 3, so the wrong \\boxed{3} earned
        r_acc = 1 and the right \\boxed{5\\sqrt{3}} 0. `--gold_parse official` restores it.
+    8. Ours, off by default (README "On fewer GPUs"): `--freeze_vision_tower`, `--freeze_merger`
+       and LoRA (`--lora_r`, base weights in bf16 under bf16 mixed precision). The paper trains
+       every weight; a run with any of them is not the paper's run.
 
 Shapes: B = prompts per step, G = responses per prompt, N = responses in a micro-batch,
 T = completion tokens (padded), T_all = prompt + completion tokens, V = vocabulary, P = processes.
