@@ -780,11 +780,15 @@ def generate_rollouts(llm, prompts: list[str], images: list[list], args: Args, t
             max_tokens=args.max_response_length, logprobs=0,  # 0: only the sampled token's log-prob
             seed=(seed + i * n) % (2**31),  # vLLM seeds sample g of a request with seed + g
             logit_bias={t: -100.0 for t in forbidden_ids},  # never sample vision special tokens
+            # PLUMBING: token ids only (we decode once, ourselves) and log-probs as flat lists:
+            # vLLM's per-token text and per-position dicts cost more than sampling the tiny model
+            detokenize=False, flat_logprobs=True,
         ))
     outputs = llm.generate(requests, params, use_tqdm=False)
     ids = [list(o.token_ids) for out in outputs for o in out.outputs]
-    logps = [[step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids)]
-             for out in outputs for o in out.outputs]
+    # with logprobs=0 each position holds exactly one entry: the sampled token's log-prob
+    logps = [list(o.logprobs.logprobs) for out in outputs for o in out.outputs]
+    assert all(len(lp) == len(t) for lp, t in zip(logps, ids)), "vLLM: one log-prob per sampled token expected"
     return ids, logps
 
 
