@@ -54,7 +54,7 @@ tiny_model/tiny_model.json: demo_data/train.jsonl | install
 # Two workers (pytest-xdist): the slow tests are mostly process start-ups, which overlap well on
 # two cores; tests that share an engine or a served model stay on one worker (tests/conftest.py).
 test: install
-	$(PY) -m pytest -ra -n 2 --dist loadgroup tests
+	$(PY) -m pytest -ra -n 2 --dist loadgroup --durations=25 tests
 
 test-fast: install
 	$(PY) -m pytest -ra -n 2 --dist loadgroup -m "not slow" tests
