@@ -37,7 +37,7 @@ $(STAMP): requirements-cpu.txt requirements-common.txt Makefile
 
 # The CPU demo: a tiny Qwen2.5-VL warm-started on the demo solutions (so it sometimes writes the
 # <think>/<answer> layout), then GRPO with all four rewards; the lexical judge stands in for the
-# judging LLM. About 5 minutes on 2 cores. Logs: runs/demo/metrics.jsonl and runs/demo/tensorboard.
+# judging LLM. About 5.5 minutes on 2 cores. Logs: runs/demo/metrics.jsonl and runs/demo/tensorboard.
 demo: install demo_data/train.jsonl tiny_model/tiny_model.json
 	$(PY) train_grpo.py --model tiny_model --dataset demo_data/train.jsonl --dtype float32 \
 	    --max_pixels 50176 --max_prompt_length 1024 --max_response_length 96 \

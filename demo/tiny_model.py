@@ -1,4 +1,4 @@
-"""Build a tiny, randomly initialised Qwen2.5-VL (about 0.4M parameters) offline.
+"""Build a tiny, randomly initialised Qwen2.5-VL offline (it prints its exact parameter count).
 
 What it is for
     Every script in this project loads a Qwen2.5-VL checkpoint through the real code path

@@ -30,6 +30,18 @@ def test_tiny_model_is_deterministic_for_a_seed(tiny_model_dir, tmp_path):
     assert _sha(other / "model.safetensors") != _sha(tiny_model_dir / "model.safetensors")
 
 
+def test_readme_states_the_tiny_models_true_parameter_count(tiny_model_dir):
+    """README states the tiny model's size once; it must be the count of the model actually built."""
+    import json
+    import re
+    from pathlib import Path
+
+    built = json.loads((tiny_model_dir / "tiny_model.json").read_text())["parameters"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    stated = re.findall(r"([\d,]+)-parameter Qwen2\.5-VL", readme)
+    assert stated == [f"{built:,}"], (stated, built)
+
+
 def _prompt_and_image(model_dir, demo_dir):
     from transformers import AutoProcessor
 
