@@ -64,6 +64,11 @@ Deviations from the paper / official code
        and LoRA (`--lora_r`, base weights in bf16 under bf16 mixed precision). The paper trains
        every weight; a run with any of them is not the paper's run.
 
+Speed and memory knobs that leave the loss and gradients unchanged
+    `--micro_batch_size`, `--gradient_checkpointing`, and `--vision_once` (ours, off by default:
+    the G samples of a prompt in one micro-batch share one pass of the vision tower,
+    image_features_once; benchmarks/RESULTS.md says what it buys).
+
 Shapes: B = prompts per step, G = responses per prompt, N = responses in a micro-batch,
 T = completion tokens (padded), T_all = prompt + completion tokens, V = vocabulary, P = processes.
 Prefixes: `local_` = this process's share (B/P prompts, B*G/P responses); no prefix = all
@@ -211,6 +216,10 @@ class Args:
     micro_batch_size: int = 4
     """responses per forward/backward pass per process (memory knob; does not change the maths).
     Under DeepSpeed it is also DeepSpeed's train_micro_batch_size_per_gpu"""
+    vision_once: bool = False
+    """run the vision tower once per prompt of a micro-batch and reuse its features for that prompt's
+    samples (gradients add up in backward): the same loss and gradients, fewer vision FLOPs (ours,
+    off by default; benchmarks/RESULTS.md). Best with micro_batch_size a multiple of group_size"""
     gradient_checkpointing: bool | None = None
     """recompute activations in backward (vision tower included) to save memory; None = on when a
     GPU is present (official: on), off on CPU where memory is not the limit"""
@@ -800,9 +809,11 @@ def rollout_seed(args: Args, step: int, rank: int) -> int:
 # =============================================================================================
 # 9. Training step: micro-batches, gradient accumulation, one or more updates
 # =============================================================================================
-def collate(samples: list[dict], pad_id: int, banned_ids: list[int] = ()) -> dict:
+def collate(samples: list[dict], pad_id: int, banned_ids: list[int] = (), vision_once: bool = False) -> dict:
     """Right-pad prompt+completion ids of a micro-batch; concatenate image patches in order.
-    `banned_ids`: token ids sampling never emits, left out of the training softmax too."""
+    `banned_ids`: token ids sampling never emits, left out of the training softmax too.
+    `vision_once`: keep each prompt's patches once (its G samples share one encoding) and list, per
+    image of the batch, which kept image it is (`image_source`)."""
     lengths = [len(s["prompt_ids"]) + len(s["completion_ids"]) for s in samples]
     T_all, T = max(lengths), max(len(s["completion_ids"]) for s in samples)
     N = len(samples)
@@ -822,7 +833,7 @@ def collate(samples: list[dict], pad_id: int, banned_ids: list[int] = ()) -> dic
         completion_mask[i, :c] = 1.0
         vllm_logps[i, :c] = torch.tensor(s["vllm_logps"], dtype=torch.float32)
         positions[i, :c] = torch.arange(len(s["prompt_ids"]) - 1, len(ids) - 1)
-    return {
+    mb = {
         "input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
         "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
         "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]),
@@ -830,9 +841,33 @@ def collate(samples: list[dict], pad_id: int, banned_ids: list[int] = ()) -> dic
         "vllm_logps": vllm_logps, "advantages": torch.tensor([s["advantage"] for s in samples]),
         "banned_ids": torch.tensor(list(banned_ids), dtype=torch.long),
     }
+    if vision_once:  # samples of one prompt share its encoding object (build_samples)
+        first: dict[int, int] = {}  # id(pixel_values) -> index of its first image among the kept ones
+        kept, source = [], []
+        for s in samples:
+            if id(s["pixel_values"]) not in first:
+                first[id(s["pixel_values"])] = sum(len(k["image_grid_thw"]) for k in kept)
+                kept.append(s)
+            source += range(first[id(s["pixel_values"])], first[id(s["pixel_values"])] + len(s["image_grid_thw"]))
+        mb.update(pixel_values=torch.cat([k["pixel_values"] for k in kept]),
+                  kept_grid_thw=torch.cat([k["image_grid_thw"] for k in kept]), image_source=torch.tensor(source))
+    return mb
 
 
-def forward_logps(model, mb: dict, temperature: float = 1.0, with_entropy: bool = False):
+def image_features_once(model, mb: dict, autocast=contextlib.nullcontext) -> dict:
+    """--vision_once: the vision tower on each kept image once; the features of every image of the
+    micro-batch are views of those, so backward sums the G samples' gradients into one encoding.
+    Returned in the form Qwen2.5-VL's forward takes precomputed features (`mm_encoder_outputs`).
+    `autocast`: accelerate's mixed-precision context (this call is outside the model's forward,
+    which accelerate wraps in it)."""
+    with autocast():
+        out = getattr(model, "module", model).get_image_features(mb["pixel_values"], mb["kept_grid_thw"])
+    out.pooler_output = tuple(out.pooler_output[j] for j in mb["image_source"].tolist())
+    return {"image": out}
+
+
+def forward_logps(model, mb: dict, temperature: float = 1.0, with_entropy: bool = False,
+                  autocast=contextlib.nullcontext):
     """Token log-probs of the completion tokens of a collated micro-batch: (N, T).
 
     The model is asked only for the logits of the last `keep` positions (`logits_to_keep`),
@@ -844,9 +879,11 @@ def forward_logps(model, mb: dict, temperature: float = 1.0, with_entropy: bool 
     keep = T_all - first
     # mm_token_type_ids marks the image tokens: without it transformers cannot build Qwen2.5-VL's 3-D
     # (M-RoPE) positions and silently falls back to 1-D ones, unlike vLLM.
+    vision = ({"mm_encoder_outputs": image_features_once(model, mb, autocast)} if "image_source" in mb
+              else {"pixel_values": mb["pixel_values"]})
     out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                mm_token_type_ids=mb["mm_token_type_ids"], pixel_values=mb["pixel_values"],
-                image_grid_thw=mb["image_grid_thw"], use_cache=False, logits_to_keep=keep)
+                mm_token_type_ids=mb["mm_token_type_ids"], image_grid_thw=mb["image_grid_thw"],
+                use_cache=False, logits_to_keep=keep, **vision)
     logits = out.logits  # (N, keep, V), position p of the sequence is row p - first
     N, keep, V = logits.shape
     mask = mb["completion_mask"] > 0  # (N, T)
@@ -883,7 +920,7 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples:
     """One rollout batch: optional old/ref log-prob passes, then `ppo_epochs` optimizer steps,
     each accumulating gradients over micro-batches. Returns stats averaged over micro-batches."""
     device = accelerator.device
-    micro = [collate(samples[i:i + args.micro_batch_size], pad_id, banned_ids)
+    micro = [collate(samples[i:i + args.micro_batch_size], pad_id, banned_ids, args.vision_once)
              for i in range(0, len(samples), args.micro_batch_size)]
     num_tokens, num_seqs = global_counts(accelerator, micro)  # ALGO: one token-mean for the whole batch
     to_dev = lambda mb: {k: v.to(device) for k, v in mb.items()}  # noqa: E731  PLUMBING
@@ -893,9 +930,11 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples:
     with torch.no_grad():
         for mb in micro:
             if args.ppo_epochs > 1:
-                mb["old_logps"] = forward_logps(model, to_dev(mb), args.temperature).cpu()
+                mb["old_logps"] = forward_logps(model, to_dev(mb), args.temperature,
+                                                autocast=accelerator.autocast).cpu()
             if ref_model is not None:  # ALGO: reference log-probs only when KL is on
-                mb["ref_logps"] = forward_logps(ref_model, to_dev(mb), args.temperature).cpu()
+                mb["ref_logps"] = forward_logps(ref_model, to_dev(mb), args.temperature,
+                                                autocast=accelerator.autocast).cpu()
 
     stats: dict[str, list[float]] = {}
     for epoch in range(args.ppo_epochs):
@@ -915,7 +954,8 @@ def train_on_batch(model, ref_model, optimizer, scheduler, accelerator, samples:
 def micro_batch_step(model, mb: dict, accelerator, args: Args, num_tokens: float, num_seqs: float,
                      measure_mismatch: bool) -> dict[str, float]:
     """Forward, loss and backward of one micro-batch; returns its stats."""
-    logps, entropy = forward_logps(model, mb, args.temperature, with_entropy=True)  # (N, T)
+    logps, entropy = forward_logps(model, mb, args.temperature, with_entropy=True,
+                                   autocast=accelerator.autocast)  # (N, T)
     old = mb["old_logps"] if "old_logps" in mb else logps.detach()  # ALGO: pi_old
     mask = mb["completion_mask"]
     weights = tis_weights(old, mb["vllm_logps"], args.tis_cap) if args.tis_cap else None
@@ -1300,6 +1340,10 @@ class AdapterOff:
     def __call__(self, **inputs):
         with self.model.disable_adapter():
             return self.model(**inputs)
+
+    def get_image_features(self, *args, **kwargs):  # --vision_once
+        with self.model.disable_adapter():
+            return self.model.get_image_features(*args, **kwargs)
 
 
 def policy_weights(model, changed_only: bool = False) -> dict[str, torch.Tensor]:

@@ -138,6 +138,9 @@ class Args:
     get many times slower; 1 avoids that and keeps the comparison fair there"""
     side: Literal["both", "ours", "trl"] = "both"
     """both | ours | trl (one side only, e.g. to re-measure it)"""
+    vision_once: bool = False
+    """ours with --vision_once (each prompt's image encoded once per micro-batch; same loss and
+    gradients). Off by default: the issue's comparison is the default training path"""
     json: str | None = None
     """also write the results as JSON to this path"""
     keep_runs: bool = False
@@ -191,7 +194,7 @@ def run_ours(args: Args, model: str, dataset: str, out: Path) -> dict:
            "--min_pixels", str(args.min_pixels), "--max_pixels", str(args.max_pixels),
            "--max_prompt_length", str(args.max_prompt_length), "--learning_rate", "1e-6", "--warmup_ratio", "0",
            "--seed", str(args.seed), "--save_every", "0", "--sample_every", "0", "--report_to", "none",
-           "--output_dir", str(out)]
+           "--output_dir", str(out)] + (["--vision_once"] if args.vision_once else [])
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)  # torch reads it at start-up

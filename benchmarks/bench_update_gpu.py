@@ -20,6 +20,8 @@ Run
     of 4, 5 timed updates, peak 989 TFLOP/s = H100 SXM bf16 dense):
         python benchmarks/bench_update_gpu.py
         python benchmarks/bench_update_gpu.py --peak_tflops 989 --micro_batch_size 2   # other sizes
+        python benchmarks/bench_update_gpu.py --group_size 4                  # groups of 4 share an image,
+        python benchmarks/bench_update_gpu.py --group_size 4 --vision_once    # ... encoded once (compare)
     CPU (toy model, 0.5M parameters, float32, no autocast; seconds per update, most of the run is
     imports; tests/test_bench_update_gpu.py runs an even smaller one in-process through `run(args)`):
         python benchmarks/bench_update_gpu.py --preset toy --seq_len 256 --completion_len 64 \\
@@ -127,6 +129,11 @@ class Args:
     448 for "3b" = 256 image tokens, 112 for "toy" = 16)"""
     num_samples: int = 16
     """sequences per update (one rollout batch of one process)"""
+    group_size: int = 1
+    """consecutive sequences that share one prompt and image, as the G samples of a GRPO group do
+    (1: every sequence its own image)"""
+    vision_once: bool = False
+    """train_grpo --vision_once: each shared image through the vision tower once per micro-batch"""
     micro_batch_size: int = 4
     """sequences per forward/backward (train_grpo --micro_batch_size; default 4 as there)"""
     steps: int = 5
@@ -164,14 +171,15 @@ def build_model(preset: str, seed: int, device: str = "cpu"):
 
 
 def synthetic_samples(preset: str, num_samples: int, seq_len: int, completion_len: int, image_size: int,
-                      seed: int) -> list[dict]:
+                      seed: int, group_size: int = 1) -> list[dict]:
     """Samples as `train_grpo.build_samples` makes them, with random content.
 
     prompt_ids: a text head, <|vision_start|>, h*w/4 image tokens, <|vision_end|>, a text tail,
     seq_len - completion_len tokens in all; pixel_values (h*w, 3*2*14*14) for an image grid
     (t, h, w) = (1, image_size/14, image_size/14) patches (a still image is one temporal patch);
     mm_token_type_ids 1 on the image tokens; completion_len random completion ids; vllm_logps 0
-    (only logged); a random advantage per sample.
+    (only logged); a random advantage per sample. Each run of `group_size` consecutive samples
+    shares one prompt and one pixel_values tensor (as build_samples shares a prompt's encoding).
     """
     p = PRESETS[preset]
     vis, ids = p["vision"], p["ids"]
@@ -190,7 +198,11 @@ def synthetic_samples(preset: str, num_samples: int, seq_len: int, completion_le
     g = torch.Generator().manual_seed(seed)
     text = lambda n: torch.randint(0, p["first_special_id"], (n,), generator=g).tolist()  # noqa: E731
     samples = []
-    for _ in range(num_samples):
+    for i in range(num_samples):
+        if i % group_size:  # same prompt and image objects as the group's first sample
+            samples.append({**samples[-1], "completion_ids": text(completion_len),
+                            "advantage": float(torch.randn((), generator=g))})
+            continue
         prompt = (text(head) + [ids["vision_start_token_id"]] + [ids["image_token_id"]] * num_image_tokens
                   + [ids["vision_end_token_id"]] + text(free - head))
         samples.append({
@@ -225,9 +237,9 @@ def run(args: Args) -> dict:
     accelerator = Accelerator(mixed_precision="bf16") if on_gpu else Accelerator(cpu=True)
     image_size = args.image_size or PRESETS[args.preset]["image_size"]
     train_args = T.Args(micro_batch_size=args.micro_batch_size, max_grad_norm=1.0,
-                        gradient_checkpointing=args.gradient_checkpointing)
+                        gradient_checkpointing=args.gradient_checkpointing, vision_once=args.vision_once)
     samples = synthetic_samples(args.preset, args.num_samples, args.seq_len, args.completion_len, image_size,
-                                args.seed)
+                                args.seed, args.group_size)
     model = build_model(args.preset, args.seed, str(accelerator.device))
     num_params = sum(p.numel() for p in model.parameters())  # tied lm_head/embedding counted once
     if args.gradient_checkpointing:
@@ -282,7 +294,8 @@ def report(result: dict, args: Args) -> str:
         f"device           {result['device']}",
         (f"update           {args.num_samples} x {args.seq_len} tokens ({result['image_tokens_per_seq']} image, "
          f"{args.completion_len} completion), micro-batch {args.micro_batch_size}, "
-         f"gradient checkpointing {args.gradient_checkpointing}"),
+         f"gradient checkpointing {args.gradient_checkpointing}, group {args.group_size}, "
+         f"vision_once {args.vision_once}"),
         f"seconds/update   {result['seconds_per_update']:.3f}  (mean of {args.steps} after {args.warmup} warm-up)",
         f"tokens/s         {result['tokens_per_s']:,.0f}",
         f"MFU              {mfu}  (6 * N * tokens/s / {args.peak_tflops:g} TFLOP/s)",

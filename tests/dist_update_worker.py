@@ -56,8 +56,9 @@ def update_results(model_dir: str, demo_dir: str) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         model, opt, sched = accelerator.prepare(model, opt, sched)
-        # micro-batches of 3: the 8 local responses end in a short last micro-batch
-        args = T.Args(micro_batch_size=3, loss_agg=agg, max_grad_norm=1e9)
+        # micro-batches of 3: the 8 local responses end in a short last micro-batch; the second
+        # aggregation also encodes the shared image once per micro-batch (--vision_once under DDP)
+        args = T.Args(micro_batch_size=3, loss_agg=agg, max_grad_norm=1e9, vision_once=agg != "token-mean")
         stats = T.train_on_batch(model, None, opt, sched, accelerator, local_samples, args, pad)
         # the logged loss: each process's share, averaged over processes (as step_metrics does)
         loss = accelerator.reduce(torch.tensor([stats["loss"]]), reduction="mean")

@@ -341,6 +341,58 @@ def test_gradient_accumulation_invariance(tiny_model_dir, demo_dir, agg):
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
+def _two_prompt_samples(model_dir, demo_dir, G=3):
+    """G samples for each of two prompts that share their prompt's encoding object, as
+    build_samples makes them; the second prompt has two images."""
+    from transformers import AutoProcessor
+
+    import data
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    rows = data.load_rows(str(demo_dir / "train.jsonl"))[:2]
+    imgs = [data.row_images(r, 3136, 50_176)[0] for r in rows]
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for p, images in enumerate([[imgs[0]], [imgs[1], imgs[0].rotate(90)]]):
+        prompt = data.build_prompt(processor, rows[p]["problem"].replace("<image>", ""), len(images))
+        enc = processor(text=[prompt], images=images, return_tensors="pt")
+        for i in range(G):
+            comp = torch.randint(10, 600, (4 + i,), generator=g).tolist()
+            samples.append({"prompt_ids": enc["input_ids"][0].tolist(), "completion_ids": comp,
+                            "vllm_logps": [0.0] * len(comp), "mm_token_type_ids": enc["mm_token_type_ids"][0].tolist(),
+                            "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"],
+                            "advantage": float(torch.randn((), generator=g))})
+    return samples, processor.tokenizer.pad_token_id
+
+
+def test_vision_once_gives_the_same_update(tiny_model_dir, demo_dir):
+    """--vision_once encodes each prompt's images once per micro-batch and reuses them for its G
+    samples: the parameter update (old and reference passes, KL, two PPO epochs; micro-batches that
+    split a group) equals the one that encodes every sample's images."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForImageTextToText
+
+    samples, pad = _two_prompt_samples(tiny_model_dir, demo_dir)
+    mb = T.collate(samples, pad, vision_once=True)
+    assert len(mb["kept_grid_thw"]) == 3 and mb["image_source"].tolist() == [0, 0, 0, 1, 2, 1, 2, 1, 2]
+    deltas = []
+    for vision_once in (False, True):
+        accelerator = Accelerator(cpu=True)
+        model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        ref = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        model, opt, sched = accelerator.prepare(model, opt, sched)
+        args = T.Args(micro_batch_size=4, max_grad_norm=1e9, kl_coef=0.1, ppo_epochs=2, vision_once=vision_once)
+        T.train_on_batch(model, ref, opt, sched, accelerator, samples, args, pad)
+        deltas.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())]))
+    visual = torch.cat([torch.ones(p.numel(), dtype=torch.bool) if n.startswith("model.visual.")
+                        else torch.zeros(p.numel(), dtype=torch.bool) for n, p in model.named_parameters()])
+    assert deltas[0][visual].abs().sum() > 0  # the vision tower trains, and gets the same gradient
+    assert torch.allclose(deltas[0], deltas[1], atol=1e-6, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole update (KL to a reference, several PPO epochs) against a naive per-token loop
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +497,7 @@ def test_non_finite_gradient_skips_the_update_and_counts_it(tiny_model_dir, demo
 @pytest.mark.slow
 def test_one_token_mean_over_processes(tiny_model_dir, demo_dir, tmp_path):
     """16 responses of unequal lengths trained as 1 process and as 2 processes of 8 give the same
-    loss and the same updated parameters (token-mean and seq-mean)."""
+    loss and the same updated parameters (token-mean; seq-mean with --vision_once, under DDP)."""
     from conftest import free_port
     from dist_update_worker import update_results
 
@@ -805,7 +857,9 @@ def test_end_to_end_run_with_validation_checkpoints_and_resumes_after_a_kill(tin
 def test_deepspeed_launch_saves_resumes_and_matches_an_uninterrupted_run(config, tiny_model_dir, demo_dir, tmp_path):
     """The README's launch line with each DeepSpeed config (one process: DeepSpeed through
     accelerate on CPU runs single-process). A 3-step run saves at step 2; a copy of that step-2
-    checkpoint is resumed for step 3, which must match the uninterrupted run's step 3."""
+    checkpoint is resumed for step 3, which must match the uninterrupted run's step 3. The ZeRO-3
+    runs also encode each prompt's image once (--vision_once: the vision tower called outside the
+    engine's forward, its partitioned weights gathered by ZeRO-3's module hooks)."""
     import shutil
 
     from safetensors.torch import load_file
@@ -813,7 +867,8 @@ def test_deepspeed_launch_saves_resumes_and_matches_an_uninterrupted_run(config,
     from conftest import free_port
 
     def launch(out, extra):
-        cmd = tiny_run_args(tiny_model_dir, demo_dir, out, steps=3, extra=["--save_every", "2", *extra])
+        vision_once = ["--vision_once"] if config == "deepspeed_zero3.yaml" else []
+        cmd = tiny_run_args(tiny_model_dir, demo_dir, out, steps=3, extra=["--save_every", "2", *vision_once, *extra])
         return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / config),
                     "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
                     *cmd[1:]], timeout=600)
