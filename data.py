@@ -311,16 +311,13 @@ def quiet_libraries() -> None:
     deprecation warnings are hidden. Set VLLM_LOGGING_LEVEL=INFO to see vLLM's log again."""
     import warnings
 
+    import transformers  # a lazy module: cheap to import here
+
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read when vLLM is first imported
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # plumbing only: scripts that do not use transformers work without it
-        pass
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------

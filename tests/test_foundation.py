@@ -4,6 +4,7 @@ the demo data fits the training schema with true and sufficient facts, and bad r
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 
 import pytest
@@ -262,3 +263,24 @@ def test_demo_scripts_run_as_modules_from_the_repository_root():
         out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
                              cwd=data.Path(data.__file__).parent)
         assert out.returncode == 0 and "--output-dir" in out.stdout.replace("_", "-"), out.stderr
+
+
+def test_quiet_libraries_hides_library_warnings_but_not_errors():
+    """Our scripts call data.quiet_libraries() first: transformers' warnings and loading bars and
+    vLLM's info/warning log are hidden, their errors still show."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import data; data.quiet_libraries()\n"
+            "import os, transformers\n"
+            "log = transformers.utils.logging.get_logger('transformers.demo')\n"
+            "log.warning('library-warning'); log.error('library-error')\n"
+            "print('vllm level', os.environ['VLLM_LOGGING_LEVEL'])\n"
+            "print('bars', transformers.utils.logging.is_progress_bar_enabled())\n")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1], env=env)
+    assert out.returncode == 0, out.stderr
+    assert "library-error" in out.stderr and "library-warning" not in out.stderr
+    assert "vllm level ERROR" in out.stdout and "bars False" in out.stdout
