@@ -835,22 +835,24 @@ def collate(samples: list[dict], pad_id: int, banned_ids: list[int] = (), vision
         positions[i, :c] = torch.arange(len(s["prompt_ids"]) - 1, len(ids) - 1)
     mb = {
         "input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
-        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
         "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]),
         "completion_ids": completion_ids, "completion_mask": completion_mask, "positions": positions,
         "vllm_logps": vllm_logps, "advantages": torch.tensor([s["advantage"] for s in samples]),
         "banned_ids": torch.tensor(list(banned_ids), dtype=torch.long),
     }
-    if vision_once:  # samples of one prompt share its encoding object (build_samples)
-        first: dict[int, int] = {}  # id(pixel_values) -> index of its first image among the kept ones
-        kept, source = [], []
-        for s in samples:
-            if id(s["pixel_values"]) not in first:
-                first[id(s["pixel_values"])] = sum(len(k["image_grid_thw"]) for k in kept)
-                kept.append(s)
-            source += range(first[id(s["pixel_values"])], first[id(s["pixel_values"])] + len(s["image_grid_thw"]))
-        mb.update(pixel_values=torch.cat([k["pixel_values"] for k in kept]),
-                  kept_grid_thw=torch.cat([k["image_grid_thw"] for k in kept]), image_source=torch.tensor(source))
+    if not vision_once:
+        mb["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
+        return mb
+    start: dict[int, int] = {}  # id(a prompt's pixel_values) -> index of its first kept image
+    kept, source = [], []
+    for s in samples:  # samples of one prompt share its encoding object (build_samples)
+        key, n = id(s["pixel_values"]), len(s["image_grid_thw"])
+        if key not in start:
+            start[key] = sum(len(k["image_grid_thw"]) for k in kept)
+            kept.append(s)
+        source += range(start[key], start[key] + n)
+    mb.update(pixel_values=torch.cat([k["pixel_values"] for k in kept]),
+              kept_grid_thw=torch.cat([k["image_grid_thw"] for k in kept]), image_source=torch.tensor(source))
     return mb
 
 
