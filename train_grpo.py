@@ -33,6 +33,7 @@ Code map (section -> equation -> function)
     7. Data                      rows checked up front, prompts + images         load_checked_rows, batch_indices
     8. Rollouts                  vLLM generates G responses per prompt           generate_rollouts
     9. Training step             micro-batches, one global token-mean, AdamW     train_on_batch
+                                 (--vision_once: one vision pass per prompt)     image_features_once
    10. Validation                greedy responses scored by the training rewards validate
    11. Weight sync, checkpoints, logging                                         sync_weights_to_vllm, ...
    12. main                      the loop
