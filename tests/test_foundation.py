@@ -17,6 +17,28 @@ from demo.tiny_model import build_tiny_model
 
 
 # ---------------------------------------------------------------------------------------------
+# The test harness itself (tests/conftest.py): what keeps `make test` within its time
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.xdist_group("engine")
+def test_tests_sharing_an_expensive_fixture_run_on_one_worker(request):
+    """Under `make test` (pytest-xdist, --dist loadgroup) a grouped test carries its group in its
+    node id, which is how xdist sends the group to one worker; where it does not (pytest 9.2 with
+    xdist 3.8) every worker builds its own engine and served model."""
+    if not request.config.getoption("loadgroup", False):
+        pytest.skip("not run under pytest-xdist --dist loadgroup")
+    assert request.node.nodeid.endswith("@engine"), request.node.nodeid
+
+
+def test_each_xdist_worker_uses_its_share_of_the_cores():
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        pytest.skip("not run under several pytest-xdist workers")
+    share = max(1, (os.cpu_count() or 1) // workers)
+    assert int(os.environ["OMP_NUM_THREADS"]) <= share
+    assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])  # set before torch was imported
+
+
+# ---------------------------------------------------------------------------------------------
 # Tiny model
 # ---------------------------------------------------------------------------------------------
 def _sha(path):
