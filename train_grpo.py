@@ -1237,13 +1237,11 @@ class Logger:
 
 def plot_metrics(rows: list[dict], path: Path) -> None:
     """One panel per logged reward term (reward/*) and one for the validation metrics (val/*), over steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
     keys = sorted({k for r in rows for k in r if k.startswith(("reward/", "val/")) and k != "val/n"})
-    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6), squeeze=False)
+    fig = Figure(figsize=(3 * len(keys), 2.6))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         ax.plot(*zip(*pts), marker=".")
@@ -1251,7 +1249,6 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("step", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_config(args: Args) -> dict:

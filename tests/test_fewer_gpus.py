@@ -4,6 +4,7 @@ base model as KL reference, gradient checkpointing with the vision tower include
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,25 +113,40 @@ def test_gradient_checkpointing_covers_the_vision_tower(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_lora_run_resumes_exactly_and_saves_adapter_and_merged_policy(tiny_model_dir, demo_dir, tmp_path):
-    """A 3-step LoRA run (frozen vision tower, KL on) saves at step 2; its step-2 checkpoint resumed
-    gives the same step 3. Checkpoints hold the adapter and a merged policy that loads as a plain
-    Qwen2.5-VL equal to base + adapter."""
+def test_zero_offload_lora_run_resumes_exactly_and_saves_adapter_and_merged_policy(tiny_model_dir, demo_dir, tmp_path):
+    """README "On fewer GPUs" launched as written: configs/deepspeed_zero2_offload.yaml (the optimizer
+    in host RAM, DeepSpeed's CPU Adam) with LoRA, a frozen vision tower and KL on. A 3-step run saves
+    at step 2; its step-2 checkpoint resumed gives the same step 3. Checkpoints hold the adapter and a
+    merged policy that loads as a plain Qwen2.5-VL equal to base + adapter. (One launch covers the
+    recipe's parts together; configs/deepspeed_zero2.yaml differs only in where the optimizer lives:
+    tests/test_train_grpo.py::test_the_two_zero2_configs_differ_only_in_the_optimizers_place.)"""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
+    from conftest import free_port
     from test_train_grpo import metrics, run, tiny_run_args
 
     extra = ["--save_every", "2", "--lora_r", "4", "--kl_coef", "0.05", "--freeze_vision_tower"]
+
+    def launch(out, *more):
+        cmd = tiny_run_args(tiny_model_dir, demo_dir, out, steps=3, extra=[*extra, *more])
+        return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "configs" / "deepspeed_zero2_offload.yaml"), "--num_processes", "1",
+                    "--mixed_precision", "no", "--main_process_port", str(free_port()), *cmd[1:]], timeout=600)
+
     full, part = tmp_path / "full", tmp_path / "part"
-    run(tiny_run_args(tiny_model_dir, demo_dir, full, steps=3, extra=extra))
+    launch(full)
     part.mkdir()
     shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
-    res = run(tiny_run_args(tiny_model_dir, demo_dir, part, steps=3, extra=[*extra, "--resume"]))
+    res = launch(part, "--resume")
     assert "at step 2" in res.stdout
+    states = torch.load(next((full / "checkpoint-3" / "accelerate").rglob("*optim_states.pt")), weights_only=False)
+    assert states["ds_config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"  # ZeRO-Offload ran
+    assert int(states["optimizer_state_dict"]["zero_stage"]) == 2
     a, b = metrics(full)[-1], metrics(part)[-1]
-    for key in ("reward/total", "train/loss", "train/kl", "completion/length_mean"):
+    for key in ("reward/total", "train/loss", "train/kl", "train/grad_norm", "completion/length_mean",
+                "rollout/vllm_kl"):
         assert b[key] == pytest.approx(a[key], abs=1e-5), key
     assert a["train/kl"] > 0
     ckpt = full / "checkpoint-3"
