@@ -257,17 +257,13 @@ def warm_start(model_dir: str | os.PathLike, data_file: str | os.PathLike, steps
         batch = collate_sft(rng.sample(examples, min(batch_size, len(examples))), processor.tokenizer.pad_token_id)
         opt.zero_grad()
         # image-token marks for Qwen2.5-VL's 3-D positions (as vLLM computes them)
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
-                             image_grid_thw=batch["image_grid_thw"]).last_hidden_state[:, :-1]
-        # logits only where a target token is predicted: the prompt's positions would cost a
-        # (N, T, V) tensor with V = 151,665 and add nothing to the loss
-        mask = batch["loss_mask"][:, 1:].bool()
-        row = torch.arange(len(mask)).unsqueeze(1).expand_as(mask)[mask]  # sequence of each target token
-        token_loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[mask]), batch["input_ids"][:, 1:][mask],
-                                                       reduction="none")
-        per_seq = torch.zeros(len(mask)).index_add_(0, row, token_loss) / mask.sum(1)
-        loss = per_seq.mean()  # mean over sequences of their token mean
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
+                       image_grid_thw=batch["image_grid_thw"]).logits[:, :-1]
+        targets = batch["input_ids"][:, 1:]
+        mask = batch["loss_mask"][:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        loss = ((token_loss * mask).sum(1) / mask.sum(1)).mean()  # mean over sequences of their token mean
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
