@@ -59,10 +59,10 @@ tiny_model/tiny_model.json: demo_data/train.jsonl | install
 # Two workers (pytest-xdist), one core each (tests/conftest.py sets OMP_NUM_THREADS); tests that
 # share an engine or a served model stay on one worker (--dist loadgroup).
 test: install
-	$(PY) -m pytest -ra -n 2 --dist loadgroup --durations=25 tests
+	$(PY) -m pytest -ra -n 2 --dist loadgroup --no-loadscope-reorder --durations=25 tests
 
 test-fast: install
-	$(PY) -m pytest -ra -n 2 --dist loadgroup -m "not slow" tests
+	$(PY) -m pytest -ra -n 2 --dist loadgroup --no-loadscope-reorder -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

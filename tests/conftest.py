@@ -39,15 +39,21 @@ SHARED_DATA = Path(os.environ.get("PR1_SHARED_DATA", ROOT.parent / "shared" / "d
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Run the slow tests first (the long ones should not start last), and keep the tests that share
-    an expensive fixture (an engine, a served model, the warm-started model) on one xdist worker."""
+    """Keep the tests that share an expensive fixture (an engine, a served model, a warm-started
+    model) on one xdist worker, and run the longest first (`slow(seconds=...)`, their cost in
+    `make test` incl. the fixture), so that no long test starts last (`make test` passes
+    --no-loadscope-reorder: xdist keeps this order)."""
     groups = {"vllm_server": "vllm_server", "engine": "engine", "warm_demo": "warm_demo",
               "warm_grounding": "warm_grounding"}
     for item in items:
         for fixture, group in groups.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
+    def cost(item) -> float:
+        slow = item.get_closest_marker("slow")
+        return -1 if slow is None else slow.kwargs.get("seconds", 0)
+
+    items.sort(key=cost, reverse=True)
 
 
 @pytest.fixture(scope="session")

@@ -112,7 +112,7 @@ def test_gradient_checkpointing_covers_the_vision_tower(tiny_model_dir):
     assert acc.unwrap_model(model).model.visual.gradient_checkpointing is torch.cuda.is_available()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)
 def test_zero_offload_lora_run_resumes_exactly_and_saves_adapter_and_merged_policy(tiny_model_dir, demo_dir, tmp_path):
     """README "On fewer GPUs" launched as written: configs/deepspeed_zero2_offload.yaml (the optimizer
     in host RAM, DeepSpeed's CPU Adam) with LoRA, a frozen vision tower and KL on. A 3-step run saves
