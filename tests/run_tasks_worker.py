@@ -1,4 +1,4 @@
-"""Train a tiny model for two steps on each of the sister paper's perception tasks, in one
+"""Train a tiny model for one step on each of the sister paper's perception tasks, in one
 process (vLLM is imported once), exactly as `train_grpo.py --task TASK ...` does:
 
     python tests/run_tasks_worker.py MODEL_DIR TASK_DATA_ROOT OUT_ROOT
@@ -23,11 +23,11 @@ def main(model: str, root: str, out: str) -> None:
     data.quiet_libraries()
     for task in ("grounding", "counting", "ocr", "detection"):
         argv = ["--task", task, "--model", model, "--dataset", f"{root}/{task}/train.jsonl",
-                "--val_dataset", f"{root}/{task}/test.jsonl", "--val_every", "2", "--dtype", "float32",
+                "--val_dataset", f"{root}/{task}/test.jsonl", "--val_every", "1", "--dtype", "float32",
                 "--max_pixels", "50176", "--max_prompt_length", "1024", "--max_response_length", "32",
-                "--prompts_per_step", "4", "--group_size", "4", "--micro_batch_size", "16", "--max_steps", "2",
+                "--prompts_per_step", "4", "--group_size", "4", "--micro_batch_size", "16", "--max_steps", "1",
                 "--learning_rate", "1e-3", "--warmup_ratio", "0", "--output_dir", f"{out}/{task}",
-                "--sample_every", "2", "--save_every", "0"]
+                "--sample_every", "1", "--save_every", "0"]
         T.main(tyro.cli(T.Args, args=argv))
 
 
