@@ -114,12 +114,14 @@ def test_gradient_checkpointing_covers_the_vision_tower(tiny_model_dir):
 
 @pytest.mark.slow(seconds=80)
 def test_zero_offload_lora_run_resumes_exactly_and_saves_adapter_and_merged_policy(tiny_model_dir, demo_dir, tmp_path):
-    """README "On fewer GPUs" launched as written: configs/deepspeed_zero2_offload.yaml (the optimizer
-    in host RAM, DeepSpeed's CPU Adam) with LoRA, a frozen vision tower and KL on. A 3-step run saves
-    at step 2; its step-2 checkpoint resumed gives the same step 3. Checkpoints hold the adapter and a
-    merged policy that loads as a plain Qwen2.5-VL equal to base + adapter. (One launch covers the
-    recipe's parts together; configs/deepspeed_zero2.yaml differs only in where the optimizer lives:
-    tests/test_train_grpo.py::test_the_two_zero2_configs_differ_only_in_the_optimizers_place.)"""
+    """The two halves of README "On fewer GPUs" in one launch (each launch costs ~30 s here):
+    configs/deepspeed_zero2_offload.yaml (the optimizer in host RAM, DeepSpeed's CPU Adam; the README
+    runs it as a full fine-tune) with the LoRA recipe's flags (LoRA, a frozen vision tower, KL on;
+    the README runs those under configs/single_gpu.yaml, whose plain-accelerate checkpointing
+    the end-to-end test launches). A 3-step run saves at step 2; its step-2 checkpoint resumed gives
+    the same step 3. Checkpoints hold the adapter and a merged policy that loads as a plain
+    Qwen2.5-VL equal to base + adapter. configs/deepspeed_zero2.yaml differs only in where the
+    optimizer lives: tests/test_train_grpo.py::test_the_two_zero2_configs_differ_only_in_the_optimizers_place."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
