@@ -49,6 +49,7 @@ def pytest_collection_modifyitems(config, items):
         for fixture, group in groups.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))
+
     def cost(item) -> float:
         slow = item.get_closest_marker("slow")
         return -1 if slow is None else slow.kwargs.get("seconds", 0)
