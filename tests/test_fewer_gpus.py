@@ -4,7 +4,6 @@ base model as KL reference, gradient checkpointing with the vision tower include
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -126,16 +125,13 @@ def test_zero_offload_lora_run_resumes_exactly_and_saves_adapter_and_merged_poli
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
-    from conftest import free_port
-    from test_train_grpo import metrics, run, tiny_run_args
+    from test_train_grpo import deepspeed_launch, metrics, tiny_run_args
 
     extra = ["--save_every", "2", "--lora_r", "4", "--kl_coef", "0.05", "--freeze_vision_tower"]
 
     def launch(out, *more):
-        cmd = tiny_run_args(tiny_model_dir, demo_dir, out, steps=3, extra=[*extra, *more])
-        return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(ROOT / "configs" / "deepspeed_zero2_offload.yaml"), "--num_processes", "1",
-                    "--mixed_precision", "no", "--main_process_port", str(free_port()), *cmd[1:]], timeout=600)
+        return deepspeed_launch("deepspeed_zero2_offload.yaml",
+                                tiny_run_args(tiny_model_dir, demo_dir, out, steps=3, extra=[*extra, *more]))
 
     full, part = tmp_path / "full", tmp_path / "part"
     launch(full)

@@ -772,6 +772,16 @@ def run(cmd, timeout=600, **kw):
     return out
 
 
+def deepspeed_launch(config: str, cmd: list[str]):
+    """Run a tiny_run_args command under `accelerate launch` with configs/<config>, one process
+    (DeepSpeed through accelerate on CPU runs single-process)."""
+    from conftest import free_port
+
+    return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / config),
+                "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+                *cmd[1:]], timeout=600)
+
+
 def metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -860,18 +870,13 @@ def test_deepspeed_zero3_launch_saves_resumes_and_matches_an_uninterrupted_run(t
     encode each prompt's image once (--vision_once: the vision tower called outside the engine's
     forward, its partitioned weights gathered by ZeRO-3's module hooks). ZeRO-2 is launched with its
     CPU-offload config: tests/test_fewer_gpus.py."""
-    config = "deepspeed_zero3.yaml"
     import shutil
 
     from safetensors.torch import load_file
 
-    from conftest import free_port
-
     def launch(out, extra):
-        cmd = tiny_run_args(tiny_model_dir, demo_dir, out, steps=3, extra=["--save_every", "2", "--vision_once", *extra])
-        return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / config),
-                    "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-                    *cmd[1:]], timeout=600)
+        return deepspeed_launch("deepspeed_zero3.yaml", tiny_run_args(
+            tiny_model_dir, demo_dir, out, steps=3, extra=["--save_every", "2", "--vision_once", *extra]))
 
     full, part = tmp_path / "full", tmp_path / "part"
     launch(full, [])
