@@ -14,7 +14,6 @@ PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.installed-cpu
 
 # vLLM on CPU: settings verified for 2-core machines (README "Troubleshooting").
-export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1

@@ -320,6 +320,23 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def vllm_cpu_kv_cache(model: str, max_model_len: int, max_seqs: int) -> dict:
+    """vLLM engine kwargs for its CPU backend: a KV cache (float32) that holds `max_seqs` sequences
+    of `max_model_len` tokens, at most 1 GiB; {} on a GPU or where VLLM_CPU_KVCACHE_SPACE (GiB)
+    is set, which then decides. vLLM's CPU default reserves a share of RAM and zero-fills it at
+    start (about 2 s per GiB on 2 cores); a tiny model needs a few MB."""
+    import torch
+    from transformers import AutoConfig
+
+    if torch.cuda.is_available() or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return {}
+    text = AutoConfig.from_pretrained(model).get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 4  # K and V
+    tokens = max(1, max_seqs) * (max_model_len + 256)  # + room for rounding to whole blocks
+    return {"kv_cache_memory_bytes": min(2**30, bytes_per_token * tokens)}
+
+
 # ---------------------------------------------------------------------------------------------
 # JSONL files that survive a kill
 # ---------------------------------------------------------------------------------------------

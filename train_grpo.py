@@ -728,14 +728,13 @@ def batch_indices(num_rows: int, step: int, prompts_per_step: int, seed: int) ->
 def build_vllm(args: Args, rank: int, num_processes: int, max_images: int):
     """One vLLM engine per training process (colocated), same pixel bounds as the HF processor."""
     # PLUMBING: the engine must live in this process: the weight sync hands it a generator of
-    # tensors, which cannot cross a process boundary. On CPU, vLLM's default KV cache is ~16 GB.
+    # tensors, which cannot cross a process boundary.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     from vllm import LLM
 
-    kwargs = {}
+    max_model_len = args.max_prompt_length + args.max_response_length
+    kwargs = data.vllm_cpu_kv_cache(args.model, max_model_len, args.prompts_per_step * args.group_size // num_processes)
     if on_cpu:
         # Seeded requests whose prefill gets split into chunks make vLLM rewind the sampler's
         # random generator, which CPU generators cannot do: give prefill room for every prompt.
@@ -749,7 +748,7 @@ def build_vllm(args: Args, rank: int, num_processes: int, max_images: int):
         enforce_eager=args.enforce_eager or on_cpu,
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,
-        max_model_len=args.max_prompt_length + args.max_response_length,
+        max_model_len=max_model_len,
         seed=args.seed + rank,
         limit_mm_per_prompt={"image": max_images},
         mm_processor_kwargs={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels},

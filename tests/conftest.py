@@ -18,8 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# vLLM CPU settings (README "Troubleshooting"): small KV cache, engine in-process.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# vLLM CPU settings (README "Troubleshooting"): engine in-process; the scripts size the KV cache
+# (data.vllm_cpu_kv_cache), tests that build an engine themselves pass kv_cache_memory_bytes.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,10 +116,9 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--api-key", api_key,
-           "--enable-prefix-caching"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+           "--enable-prefix-caching", "--kv-cache-memory-bytes", str(64 * 2**20)]
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     try:

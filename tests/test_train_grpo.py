@@ -604,7 +604,8 @@ def engine(tiny_model_dir, demo_dir):
 
     import data
 
-    args = T.Args(model=str(tiny_model_dir), max_prompt_length=1024, max_response_length=64, max_pixels=50_176)
+    args = T.Args(model=str(tiny_model_dir), max_prompt_length=1024, max_response_length=64, max_pixels=50_176,
+                  prompts_per_step=1, group_size=8)  # the tests below sample at most 8 sequences at once
     llm = T.build_vllm(args, 0, 1, 1)
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     row = data.load_rows(str(demo_dir / "test.jsonl"))[1]
