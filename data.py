@@ -320,15 +320,24 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def vllm_cpu_kv_cache(model: str, max_model_len: int, max_seqs: int) -> dict:
-    """vLLM engine kwargs for its CPU backend: a KV cache (float32) that holds `max_seqs` sequences
-    of `max_model_len` tokens, at most 1 GiB; {} on a GPU or where VLLM_CPU_KVCACHE_SPACE (GiB)
-    is set, which then decides. vLLM's CPU default reserves a share of RAM and zero-fills it at
-    start (about 2 s per GiB on 2 cores); a tiny model needs a few MB."""
+def vllm_cpu_settings(model: str, max_model_len: int, max_seqs: int) -> dict:
+    """Settings for vLLM's CPU backend ({} on a GPU), returned as engine kwargs:
+
+    1. a KV cache (float32) that holds `max_seqs` sequences of `max_model_len` tokens, at most
+       1 GiB, unless VLLM_CPU_KVCACHE_SPACE (GiB) is set, which then decides. vLLM's CPU default
+       reserves a share of RAM and zero-fills it at start (~2 s per GiB on 2 cores); a tiny model
+       needs a few MB.
+    2. torch.compile off in this process (none of our code compiles): vLLM's sampler compiles a
+       small counting helper with inductor at its first batch, 2-3 s per engine start here (more
+       with a cold cache) for a kernel that runs as fast eagerly.
+    """
     import torch
     from transformers import AutoConfig
 
-    if torch.cuda.is_available() or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+    if torch.cuda.is_available():
+        return {}
+    torch._dynamo.config.disable = True
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         return {}
     text = AutoConfig.from_pretrained(model).get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

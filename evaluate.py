@@ -582,7 +582,7 @@ def generate(args: EvalArgs, samples: list[Sample], out_path: Path) -> dict[str,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=True,
               limit_mm_per_prompt={"image": max(1, max(len(s.images) for s in todo))},
               mm_processor_kwargs={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels},
-              **data.vllm_cpu_kv_cache(args.model, args.max_model_len, args.batch_size))
+              **data.vllm_cpu_settings(args.model, args.max_model_len, args.batch_size))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p if args.temperature > 0 else 1.0,
                             max_tokens=args.max_new_tokens, seed=args.seed)
     with data.open_for_append(out_path) as fh, tqdm(total=len(todo), desc="generate") as bar:

@@ -620,7 +620,7 @@ class VLLMJudge(Judge):
         self.llm = LLM(model=args.model, dtype=args.vllm_dtype, enforce_eager=args.vllm_enforce_eager,
                        max_model_len=args.vllm_max_model_len, enable_prefix_caching=True,
                        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                       **data.vllm_cpu_kv_cache(args.model, args.vllm_max_model_len, args.max_concurrency))
+                       **data.vllm_cpu_settings(args.model, args.vllm_max_model_len, args.max_concurrency))
         self.sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
         self._engine_lock = threading.Lock()  # vllm.LLM is not re-entrant
 

@@ -734,11 +734,11 @@ def build_vllm(args: Args, rank: int, num_processes: int, max_images: int):
     from vllm import LLM
 
     max_model_len = args.max_prompt_length + args.max_response_length
-    kwargs = data.vllm_cpu_kv_cache(args.model, max_model_len, args.prompts_per_step * args.group_size // num_processes)
+    kwargs = data.vllm_cpu_settings(args.model, max_model_len, args.prompts_per_step * args.group_size // num_processes)
     if on_cpu:
         # Seeded requests whose prefill gets split into chunks make vLLM rewind the sampler's
         # random generator, which CPU generators cannot do: give prefill room for every prompt.
-        kwargs["max_num_batched_tokens"] = 64 * (args.max_prompt_length + args.max_response_length)
+        kwargs["max_num_batched_tokens"] = 64 * max_model_len
     if num_processes > 1 and not on_cpu:
         # each rank runs its own engine inside the torch.distributed world accelerate set up
         kwargs["distributed_executor_backend"] = "external_launcher"

@@ -294,7 +294,7 @@ def test_failed_requests_are_retried_on_resume(demo_dir, tmp_path):
     assert summary["distil/ok"] == 3 and summary["distil/errors"] == 0
 
 
-@pytest.mark.slow(seconds=50)
+@pytest.mark.slow(seconds=32)
 def test_wire_format_against_vllm_server(vllm_server, demo_dir, tmp_path, monkeypatch):
     """Real `vllm serve` (tiny random model): image data URLs are accepted, garbage replies end as
     filtered-out problems or error records, never as a crash."""

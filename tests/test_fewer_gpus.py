@@ -111,7 +111,7 @@ def test_gradient_checkpointing_covers_the_vision_tower(tiny_model_dir):
     assert acc.unwrap_model(model).model.visual.gradient_checkpointing is torch.cuda.is_available()
 
 
-@pytest.mark.slow(seconds=80)
+@pytest.mark.slow(seconds=73)
 def test_zero_offload_lora_run_resumes_exactly_and_saves_adapter_and_merged_policy(tiny_model_dir, demo_dir, tmp_path):
     """The two halves of README "On fewer GPUs" in one launch (each launch costs ~30 s here):
     configs/deepspeed_zero2_offload.yaml (the optimizer in host RAM, DeepSpeed's CPU Adam; the README

@@ -119,20 +119,23 @@ def test_transformers_generates_with_an_image(tiny_model_dir, demo_dir):
     assert not torch.allclose(next_logits(images), next_logits(blank), atol=1e-4)
 
 
-def test_vllm_cpu_kv_cache_holds_the_batch_and_no_more(tiny_model_dir, monkeypatch):
+def test_vllm_cpu_settings_size_the_kv_cache_to_the_batch_and_turn_compile_off(tiny_model_dir, monkeypatch):
     """K and V of every layer in float32, for max_seqs sequences of max_model_len tokens plus one
     block's rounding, capped at 1 GiB; VLLM_CPU_KVCACHE_SPACE decides where it is set. (vLLM
-    accepts the one-sequence size: the test below starts its engine with it.)"""
+    accepts the one-sequence size: the test below starts its engine with it.) torch.compile is off
+    afterwards either way."""
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # restored after the test
     text = json.loads((tiny_model_dir / "config.json").read_text())["text_config"]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     per_token = 0
     for _layer in range(text["num_hidden_layers"]):
         per_token += 2 * text["num_key_value_heads"] * head_dim * 4
-    assert data.vllm_cpu_kv_cache(str(tiny_model_dir), 1000, 16) == {"kv_cache_memory_bytes": per_token * 16 * 1256}
-    assert data.vllm_cpu_kv_cache(str(tiny_model_dir), 100_000, 10_000) == {"kv_cache_memory_bytes": 2**30}
+    assert data.vllm_cpu_settings(str(tiny_model_dir), 1000, 16) == {"kv_cache_memory_bytes": per_token * 16 * 1256}
+    assert torch._dynamo.config.disable
+    assert data.vllm_cpu_settings(str(tiny_model_dir), 100_000, 10_000) == {"kv_cache_memory_bytes": 2**30}
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
-    assert data.vllm_cpu_kv_cache(str(tiny_model_dir), 1000, 16) == {}
+    assert data.vllm_cpu_settings(str(tiny_model_dir), 1000, 16) == {}
 
 
 @pytest.mark.slow
@@ -141,9 +144,9 @@ def test_vllm_generates_with_an_image_and_agrees_with_transformers(tiny_model_di
 
     processor, prompt, images = _prompt_and_image(tiny_model_dir, demo_dir)
     hf_tokens, hf_prompt_ids = _hf_greedy(tiny_model_dir, processor, prompt, images)
-    kv_cache = data.vllm_cpu_kv_cache(str(tiny_model_dir), 2048, max_seqs=1)  # the smallest size we ask for
+    settings = data.vllm_cpu_settings(str(tiny_model_dir), 2048, max_seqs=1)  # the smallest KV cache we ask for
     llm = LLM(model=str(tiny_model_dir), dtype="float32", enforce_eager=True, max_model_len=2048,
-              seed=0, limit_mm_per_prompt={"image": 1}, **kv_cache)
+              seed=0, limit_mm_per_prompt={"image": 1}, **settings)
     try:
         out = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": images}}],
                            SamplingParams(max_tokens=len(hf_tokens), temperature=0.0, ignore_eos=True))

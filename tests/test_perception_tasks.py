@@ -75,7 +75,7 @@ def test_task_prompts_are_the_sister_papers_templates(tiny_model_dir, task_data)
 # ---------------------------------------------------------------------------------------------
 # train_grpo.py --task: every task runs; grounding learns
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.slow(seconds=55)
+@pytest.mark.slow(seconds=38)
 def test_every_task_trains_and_logs_its_rewards(tiny_model_dir, task_data, tmp_path):
     import subprocess
 
@@ -96,7 +96,7 @@ def test_every_task_trains_and_logs_its_rewards(tiny_model_dir, task_data, tmp_p
         assert (out / task / "checkpoint-1" / "policy" / "model.safetensors").exists()
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=85)
 def test_learning_grounding_reward_rises(warm_grounding, tmp_path):
     """The tiny model warm-started on grounding answers emits one parsable JSON box a fifth of
     the time; GRPO on IoU^2 + format raises the reward clearly within 12 steps of 8 prompts x 8

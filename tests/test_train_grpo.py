@@ -494,7 +494,7 @@ def test_non_finite_gradient_skips_the_update_and_counts_it(tiny_model_dir, demo
     assert stats["skipped_steps"] == 0.0 and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.slow(seconds=16)
+@pytest.mark.slow(seconds=15)
 def test_one_token_mean_over_processes(tiny_model_dir, demo_dir, tmp_path):
     """16 responses of unequal lengths trained as 1 process and as 2 processes of 8 give the same
     loss and the same updated parameters (token-mean; seq-mean with --vision_once, under DDP)."""
@@ -621,7 +621,7 @@ def _policy(tiny_model_dir):
     return Accelerator(cpu=True), AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
-@pytest.mark.slow(seconds=20)
+@pytest.mark.slow(seconds=10)
 def test_weight_sync_makes_vllm_agree_with_the_policy(engine, tiny_model_dir):
     from vllm import SamplingParams
 
@@ -787,7 +787,7 @@ def metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow(seconds=100)
+@pytest.mark.slow(seconds=80)
 def test_end_to_end_run_with_validation_checkpoints_and_resumes_after_a_kill(tiny_model_dir, demo_dir, tmp_path):
     """A 3-step run with validation (one bad row dropped) writes metrics, validation files, loadable
     checkpoints that changed the weights; the same run SIGKILLed after its step-2 checkpoint and
@@ -863,7 +863,7 @@ def test_end_to_end_run_with_validation_checkpoints_and_resumes_after_a_kill(tin
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-@pytest.mark.slow(seconds=75)
+@pytest.mark.slow(seconds=64)
 def test_deepspeed_zero3_launch_saves_resumes_and_matches_an_uninterrupted_run(tiny_model_dir, demo_dir, tmp_path):
     """The README's paper launch line, configs/deepspeed_zero3.yaml (one process: DeepSpeed through
     accelerate on CPU runs single-process). A 3-step run saves at step 2; a copy of that step-2
@@ -910,7 +910,7 @@ def test_the_two_zero2_configs_differ_only_in_the_optimizers_place():
     assert plain == offload
 
 
-@pytest.mark.slow(seconds=12)
+@pytest.mark.slow(seconds=10)
 def test_dead_judge_endpoint_stops_training_with_a_clear_error(tiny_model_dir, demo_dir, tmp_path):
     from conftest import free_port
 
@@ -928,7 +928,7 @@ def test_dead_judge_endpoint_stops_training_with_a_clear_error(tiny_model_dir, d
 # ---------------------------------------------------------------------------------------------
 # Learning: GRPO raises the mean reward of a warm-started tiny model
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.slow(seconds=115)
+@pytest.mark.slow(seconds=100)
 def test_learning_mean_reward_rises(warm_demo, tmp_path):
     """The warm-started tiny model writes the <think>/<answer> layout about a third of the time;
     GRPO on the format reward alone (w_fmt=1, the others 0) must raise it clearly within 12 steps
@@ -951,7 +951,7 @@ def test_learning_mean_reward_rises(warm_demo, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Distributed: the same file under `accelerate launch --num_processes 2`
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.slow(seconds=35)
+@pytest.mark.slow(seconds=28)
 def test_accelerate_launch_two_processes(tiny_model_dir, demo_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = tiny_run_args(tiny_model_dir, demo_dir, out, steps=2, extra=["--save_every", "0"])
