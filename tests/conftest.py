@@ -1,7 +1,8 @@
 """Shared fixtures: one tiny model, one demo dataset and (on demand) one `vllm serve` per session.
 
-vLLM on CPU costs ~10 s per engine start (imports included) and ~30 s per server start on 2 cores, so everything
-expensive is session-scoped and built in a temporary folder (never downloaded).
+vLLM on CPU costs ~10 s per engine start (imports included) and ~30 s per server start on 2
+cores, so everything expensive is session-scoped and built in a temporary folder (never
+downloaded).
 """
 
 from __future__ import annotations
