@@ -1502,15 +1502,14 @@ def main(args: Args) -> None:
     rows, val_rows = load_data(accelerator, args)
     steps_per_epoch, total_steps = check_sizes(args, len(rows), world)
     local_B, G = args.prompts_per_step // world, args.group_size
+    weights = {name: w for name, (w, _) in reward_table(args).items()}
+    # the judge before the models: build_judge health-checks it, so a dead URL fails in seconds
+    judge = build_judge(args.judge) if "visual" in weights else None
     processor, model, ref_model, optimizer, scheduler = build_policy(args, accelerator, total_steps)
     tokenizer, banned_ids = processor.tokenizer, vision_token_ids(processor.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    weights = {name: w for name, (w, _) in reward_table(args).items()}
     out = Path(args.output_dir)
     start_step = resume_step(accelerator, out) if args.resume else 0
-
-    # the judge first (build_judge health-checks it, naming the URL), then the vLLM engine
-    judge = build_judge(args.judge) if "visual" in weights else None
     llm = build_vllm(args, rank, world, max_images=max(len(r["images"]) for r in rows + val_rows))
     if start_step > 0:
         sync_weights_to_vllm(accelerator, model, llm, changed_only=False)  # PLUMBING: it loaded the base model
