@@ -734,7 +734,8 @@ def build_vllm(args: Args, rank: int, num_processes: int, max_images: int):
     from vllm import LLM
 
     max_model_len = args.max_prompt_length + args.max_response_length
-    kwargs = data.vllm_cpu_settings(args.model, max_model_len, args.prompts_per_step * args.group_size // num_processes)
+    local_rollouts = args.prompts_per_step * args.group_size // num_processes
+    kwargs = data.vllm_cpu_settings(args.model, max_model_len, max_seqs=local_rollouts)
     if on_cpu:
         # Seeded requests whose prefill gets split into chunks make vLLM rewind the sampler's
         # random generator, which CPU generators cannot do: give prefill room for every prompt.

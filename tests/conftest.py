@@ -19,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# vLLM CPU settings (README "Troubleshooting"): engine in-process; the scripts size the KV cache
-# (data.vllm_cpu_kv_cache), tests that build an engine themselves pass kv_cache_memory_bytes.
+# vLLM CPU settings (README "Troubleshooting"): engine in-process; the KV cache is sized per engine
+# (data.vllm_cpu_settings in the scripts, --kv-cache-memory-bytes for the served model below).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,8 +119,8 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
            "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--api-key", api_key,
            "--enable-prefix-caching", "--kv-cache-memory-bytes", str(64 * 2**20)]
     with open(log, "w") as fh:
-        # torch.compile off, as our scripts do on CPU (data.vllm_cpu_settings)
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TORCH_COMPILE_DISABLE": "1"})
+        env = {**os.environ, "TORCH_COMPILE_DISABLE": "1"}  # as our scripts do on CPU (data.vllm_cpu_settings)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     try:
