@@ -1,4 +1,4 @@
-"""Shared plumbing, no algorithm: dataset rows, images, the prompt, JSONL files.
+"""Shared plumbing, no algorithm: dataset rows, images, the prompt, JSONL files, vLLM CPU settings.
 
 Every script that touches problems imports these helpers, so training, evaluation and
 annotation agree on three things that must never drift apart:
