@@ -1303,8 +1303,7 @@ def build_policy(args: Args, accelerator, total_steps: int):
         ref_model.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(  # counted in optimizer steps
-        optimizer, math.ceil(args.warmup_ratio * total_steps * args.ppo_epochs))
+    scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps(args, total_steps))
     configure_deepspeed(accelerator, args)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if isinstance(ref_model, torch.nn.Module):
@@ -1384,6 +1383,12 @@ def check_sizes(args: Args, num_rows: int, world: int) -> tuple[int, int]:
     if steps_per_epoch == 0:
         raise ValueError(f"dataset has {num_rows} rows, fewer than prompts_per_step={args.prompts_per_step}")
     return steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch
+
+
+def warmup_steps(args: Args, total_steps: int) -> int:
+    """Linear warm-up length in optimizer steps: int(warmup_ratio x optimizer steps), rounded down
+    as the official trainer does (13 of the paper's 275 steps)."""
+    return int(args.warmup_ratio * total_steps * args.ppo_epochs)
 
 
 def build_samples(processor, prompts, images, rows, completion_ids, vllm_logps, advantages, args: Args) -> list[dict]:

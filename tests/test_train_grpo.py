@@ -139,6 +139,25 @@ def test_reward_table_and_mix_use_paper_weights():
     assert "visual" not in T.reward_table(T.Args(w_vis=0.0))
 
 
+def test_paper_schedule_is_275_steps_with_13_warm_up_steps():
+    """1,442 problems, 128 prompts per step, 25 epochs with drop_last: 11 x 25 = 275 steps; warm-up
+    int(0.05 x 275) = 13 optimizer steps (the official trainer rounds down), then constant."""
+    args = T.Args()
+    assert T.check_sizes(args, num_rows=1442, world=8) == (11, 275)
+    assert T.warmup_steps(args, 275) == 13
+    assert T.warmup_steps(T.Args(ppo_epochs=2), 275) == 27  # counted in optimizer steps
+    from transformers import get_constant_schedule_with_warmup
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    sched = get_constant_schedule_with_warmup(opt, T.warmup_steps(args, 275))
+    lrs = []
+    for _ in range(15):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[12] < args.learning_rate and lrs[13] == lrs[14] == args.learning_rate
+
+
 def test_failed_judgements_are_imputed_with_the_group_mean_not_zero():
     r_v, failed = T.impute_failed_judgements([1.0, None, 0.5, 0.0, None, None], group_size=3)
     assert failed.tolist() == [False, True, False, False, True, True]
