@@ -42,7 +42,8 @@ Deviations from the released code (linkangheng/PR1)
        every number by 1000 unless the response contains <|box_start|> (it assumes 0-1 floats)
        and has no branch for Qwen2.5-VL, whose boxes are absolute pixels. We never rescale: the
        caller passes gold boxes/points in the frame the model answers in (pixels of the resized
-       input image for Qwen2.5-VL; the 0-1000 grid for Qwen2-VL token answers).
+       input image for Qwen2.5-VL; the 0-1000 grid for Qwen2-VL token answers). train_grpo.py's
+       caller, task_gold, builds the Qwen2.5-VL pixel frame only.
     2. The released grounding format regex leaves its '|' unescaped, so it is an alternation of
        fragments and returns 1 for any response that starts with '<' (even "<think>x</think>").
        grounding_format_reward checks what the regex meant: the whole response is one box.

@@ -64,6 +64,10 @@ Deviations from the paper / official code
     8. Ours, off by default (README "On fewer GPUs"): `--freeze_vision_tower`, `--freeze_merger`
        and LoRA (`--lora_r`, base weights in bf16 under bf16 mixed precision). The paper trains
        every weight; a run with any of them is not the paper's run.
+    9. Engineering defaults: `--micro_batch_size` 4 (official 8; memory only, see 2); one vLLM
+       engine per training process with tensor parallel 1 and `--gpu_memory_utilization` 0.4
+       (official: tensor parallel 4, 0.7): each process pushes its weights into its own engine,
+       and the whole model on each GPU leaves less room for the KV cache.
 
 Speed and memory knobs that leave the loss and gradients unchanged
     `--micro_batch_size`, `--gradient_checkpointing`, and `--vision_once` (ours, off by default:
@@ -215,8 +219,9 @@ class Args:
     """gradient-norm clip (official: 1.0). A step whose gradient norm is not finite is skipped
     (official) and counted in train/skipped_steps"""
     micro_batch_size: int = 4
-    """responses per forward/backward pass per process (memory knob; does not change the maths).
-    Under DeepSpeed it is also DeepSpeed's train_micro_batch_size_per_gpu"""
+    """responses per forward/backward pass per process (memory knob; does not change the maths;
+    official: 8, ours 4 to halve the worst-case activations). Under DeepSpeed it is also
+    DeepSpeed's train_micro_batch_size_per_gpu"""
     vision_once: bool = False
     """run the vision tower once per prompt of a micro-batch and reuse its features for that prompt's
     samples (gradients add up in backward): the same loss and gradients, fewer vision FLOPs (ours,
@@ -255,9 +260,11 @@ class Args:
 
     # --- vLLM ---
     gpu_memory_utilization: float = 0.4
-    """share of GPU memory vLLM may take in each training process"""
+    """share of GPU memory vLLM may take in each training process (official: 0.7 with tensor
+    parallel 4; ours 0.4: every GPU holds the whole model)"""
     tensor_parallel_size: int = 1
-    """vLLM tensor parallel size inside each process"""
+    """vLLM tensor parallel size inside each process (official: 4; ours: 1, one engine per training
+    process; > 1 only with a single training process)"""
     vllm_sleep: bool = False
     """put vLLM to sleep during the update phase to free its memory (GPU only)"""
     enforce_eager: bool = False
@@ -1117,10 +1124,14 @@ def sync_weights_to_vllm(accelerator, model, llm, changed_only: bool = True) -> 
 
 
 def configure_deepspeed(accelerator, args: Args) -> None:
-    """Fill the DeepSpeed settings that must equal our arguments, so the launch line stays plain.
+    """Fill the DeepSpeed settings that must equal our arguments or the official precision, so the
+    launch line stays plain.
 
     accelerate.prepare() needs `train_micro_batch_size_per_gpu` (it would otherwise read it from a
     dataloader, and we have none); DeepSpeed clips gradients itself with `gradient_clipping`.
+    Under bf16, DeepSpeed would reduce and accumulate gradients in bf16; the official trainer (FSDP
+    mixed precision) reduces them in float32 and keeps float32 gradients, so we ask for both
+    (`communication_data_type`, `data_types.grad_accum_dtype`) unless the config sets them.
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
@@ -1130,6 +1141,8 @@ def configure_deepspeed(accelerator, args: Args) -> None:
                          "parameters): use configs/deepspeed_zero2.yaml or plain DDP")
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch_size
     plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
+    plugin.deepspeed_config.setdefault("communication_data_type", "fp32")
+    plugin.deepspeed_config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
 
 
 def save_checkpoint(accelerator, model, processor, out: Path, step: int, data_state: dict) -> Path:

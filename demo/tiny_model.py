@@ -15,7 +15,8 @@ What it is for
 Sizes (chosen so that vLLM's CPU attention kernels accept them: head_dim 16 is rejected, 64 works):
     text:   hidden 128, 2 layers, 2 query heads, 1 KV head, head_dim 64, M-RoPE [8, 12, 12]
     vision: hidden 32, depth 2, 2 heads, patch 14, merge 2, out_hidden_size 128 (= text hidden)
-    vocab:  `--vocab_size` byte-level BPE tokens + 9 special tokens
+    vocab:  byte-level BPE learned from a small corpus, at most `--vocab_size` tokens including
+            Qwen's 8 special tokens (the corpus yields 701 with the default 1,024)
 
 Usage
     python -m demo.tiny_model --output_dir tiny_model            # writes ./tiny_model
@@ -77,7 +78,8 @@ class Args:
     seed: int = 0
     """seed for the random weights; the same seed gives byte-identical weights"""
     vocab_size: int = 1024
-    """number of byte-level BPE tokens to learn (special tokens come on top)"""
+    """upper bound on the tokenizer's size, special tokens included (BPE stops earlier when the
+    small corpus has no more merges: 701 tokens at 1,024)"""
     min_pixels: int = 3136
     """image processor lower bound in pixels (paper/official: 3,136 = 4 patches of 28x28)"""
     max_pixels: int = 200_704

@@ -142,6 +142,9 @@ def test_zero_offload_lora_run_resumes_exactly_and_saves_adapter_and_merged_poli
     states = torch.load(next((full / "checkpoint-3" / "accelerate").rglob("*optim_states.pt")), weights_only=False)
     assert states["ds_config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"  # ZeRO-Offload ran
     assert int(states["optimizer_state_dict"]["zero_stage"]) == 2
+    # gradients reduced and accumulated in float32 under bf16, as the official trainer does
+    assert states["ds_config"]["communication_data_type"] == "fp32"
+    assert states["ds_config"]["data_types"] == {"grad_accum_dtype": "fp32"}
     a, b = metrics(full)[-1], metrics(part)[-1]
     for key in ("reward/total", "train/loss", "train/kl", "train/grad_norm", "completion/length_mean",
                 "rollout/vllm_kl"):

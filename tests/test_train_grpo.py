@@ -901,6 +901,10 @@ def test_deepspeed_zero3_launch_saves_resumes_and_matches_an_uninterrupted_run(t
     full, part = tmp_path / "full", tmp_path / "part"
     launch(full, [])
     assert (full / "checkpoint-2" / "accelerate").is_dir() and (full / "checkpoint-3").is_dir()
+    ds_config = torch.load(next((full / "checkpoint-3" / "accelerate").rglob("*optim_states.pt")),
+                           weights_only=False)["ds_config"]
+    assert ds_config["zero_optimization"]["stage"] == 3 and ds_config["gradient_clipping"] == 1.0
+    assert ds_config["communication_data_type"] == "fp32" and ds_config["data_types"]["grad_accum_dtype"] == "fp32"
     part.mkdir()
     shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
     res = launch(part, ["--resume"])
