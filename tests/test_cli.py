@@ -8,16 +8,23 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
+import shlex
 import textwrap
 import typing
+from pathlib import Path
 
 import pytest
+import tyro
 
 import annotate
 import evaluate
 import judge
+import perception_rewards
 import train_grpo
 from demo import demo_data, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -59,14 +66,14 @@ def help_text(main, argv, capsys) -> str:
 
 
 CLIS = [  # (name, callable taking argv, argv, Args class)
-    ("train_grpo.py", lambda argv: train_grpo.main(__import__("tyro").cli(train_grpo.Args, args=argv)), [],
+    ("train_grpo.py", lambda argv: train_grpo.main(tyro.cli(train_grpo.Args, args=argv)), [],
      train_grpo.Args),
     *[(f"evaluate.py {name}", evaluate.main, [name], cls) for name, (cls, _) in evaluate.SUBCOMMANDS.items()],
     *[(f"judge.py {name}", judge.main, [name], cls) for name, (cls, _) in judge.SUBCOMMANDS.items()],
     *[(f"annotate.py {name}", annotate.main, [name], cls) for name, cls in annotate.STAGES.items()],
-    ("demo/tiny_model.py", lambda argv: tiny_model.main(__import__("tyro").cli(tiny_model.Args, args=argv)), [],
+    ("demo/tiny_model.py", lambda argv: tiny_model.main(tyro.cli(tiny_model.Args, args=argv)), [],
      tiny_model.Args),
-    ("demo/demo_data.py", lambda argv: demo_data.main(__import__("tyro").cli(demo_data.Args, args=argv)), [],
+    ("demo/demo_data.py", lambda argv: demo_data.main(tyro.cli(demo_data.Args, args=argv)), [],
      demo_data.Args),
 ]
 
@@ -109,13 +116,7 @@ def test_paper_defaults_cite_their_source():
 def doc_command_lines() -> list[tuple[str, str]]:
     """(where, command) for every `python ...` / `accelerate launch ...` line of README.md's code
     blocks and of the scripts' header docstrings, continuation lines joined, comments dropped."""
-    import re
-    from pathlib import Path
-
-    import perception_rewards
-
-    root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     texts = {"README.md": "\n".join(re.findall(r"```[a-z]*\n(.*?)```", readme, flags=re.S))}
     for module in (train_grpo, evaluate, judge, annotate, perception_rewards, demo_data, tiny_model):
         texts[Path(module.__file__).name] = module.__doc__
@@ -130,19 +131,13 @@ def doc_command_lines() -> list[tuple[str, str]]:
 
 def parse_command(command: str):
     """Parse one documented command with the parser its script uses; returns the parsed Args."""
-    import shlex
-
-    import tyro
-
     words = shlex.split(command, comments=True)
     subcommands = {"train_grpo.py": None, "evaluate.py": evaluate.SUBCOMMANDS, "judge.py": judge.SUBCOMMANDS,
                    "annotate.py": {name: (cls, None) for name, cls in annotate.STAGES.items()}}
     modules = {"demo.demo_data": demo_data.Args, "demo.tiny_model": tiny_model.Args}
     for i, word in enumerate(words):
         if word == "--config_file":  # accelerate's config: a file of this repository
-            from pathlib import Path
-
-            assert (Path(__file__).resolve().parents[1] / words[i + 1]).is_file(), words[i + 1]
+            assert (ROOT / words[i + 1]).is_file(), words[i + 1]
         script = next((s for s in subcommands if word.endswith(s)), None)
         if script or word in modules:
             # "..." stands for "more options" after a value, not for a value itself
@@ -159,8 +154,6 @@ def parse_command(command: str):
 def test_every_documented_command_line_parses(capsys, tmp_path, monkeypatch):
     """A flag renamed or retyped in the code and not in the docs (e.g. a boolean flag that now wants
     a value) fails here, before a user's launch does."""
-    import re
-
     commands = doc_command_lines()
     monkeypatch.chdir(tmp_path)  # the files the commands name with @FILE, as a user would have them
     for name in {m for _, c in commands for m in re.findall(r"@(\S+)", c)}:
