@@ -1,4 +1,5 @@
-"""Shared plumbing, no algorithm: dataset rows, images, the prompt, JSONL files, vLLM CPU settings.
+"""Shared plumbing, no algorithm: dataset rows, images, the prompt, JSONL files, output folders,
+vLLM CPU settings.
 
 Every script that touches problems imports these helpers, so training, evaluation and
 annotation agree on three things that must never drift apart:
@@ -22,6 +23,7 @@ import io
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -168,6 +170,8 @@ def load_rows(source: str, split: str = "train", limit: int | None = None) -> li
     else:  # a Hugging Face dataset id, e.g. hiyouga/geometry3k
         import datasets
 
+        check_source(source, "dataset", "dataset")  # a mistyped path fails here, in seconds
+
         rows = list(datasets.load_dataset(source, split=split))
     if limit is not None:
         rows = rows[:limit]
@@ -302,6 +306,24 @@ def row_prompt(processor_or_tokenizer, row: dict, num_images: int = 1, instructi
     return build_prompt(processor_or_tokenizer, text, num_images, None)
 
 
+# What a checkpoint was trained with: train_grpo.py writes it into checkpoint-N/policy/, and
+# `evaluate.py eval --protocol training` asks the same prompt at the same pixel bounds by default.
+TRAIN_SETTINGS = "train_settings.json"
+
+
+def train_settings(args) -> dict:
+    """The prompt-side settings of a training run (train_grpo.Args): task, instruction, pixel
+    bounds, prompt and response lengths."""
+    keys = ("task", "instruction", "min_pixels", "max_pixels", "max_prompt_length", "max_response_length")
+    return {k: getattr(args, k) for k in keys}
+
+
+def read_train_settings(model_dir: str | os.PathLike) -> dict | None:
+    """A model folder's TRAIN_SETTINGS, or None (a base model, or a hub id)."""
+    path = Path(model_dir) / TRAIN_SETTINGS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Quiet third-party libraries (their errors still show)
 # ---------------------------------------------------------------------------------------------
@@ -397,3 +419,82 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders (one run at a time) and names that must be local paths or reachable hub ids
+# ---------------------------------------------------------------------------------------------
+class FolderInUse(RuntimeError):
+    """Another live process holds the output folder's lock."""
+
+
+def lock_folder(folder: str | os.PathLike):
+    """Take an exclusive OS lock (flock) on <folder>/.lock, held while the returned file stays
+    open, i.e. until this process ends. The OS drops the lock of a killed process, so no stale
+    lock is ever left behind. A second process asking for the same folder gets FolderInUse at
+    once, naming the folder and the holder's pid and command line."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "a process that has not written its pid yet"
+        fh.close()
+        raise FolderInUse(f"{folder} is in use by another run ({holder}): wait for it to end, stop "
+                          f"it, or choose another output folder") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    fh.flush()
+    return fh
+
+
+def check_source(name: str, kind: str = "model", flag: str = "--model") -> str:
+    """`name` as a local path or a hub id that can be reached, checked in seconds: a mistyped
+    path must not turn into minutes of hub retries. kind: "model" or "dataset".
+
+    - an existing local folder or file is returned as is; a training checkpoint folder
+      (checkpoint-N/, whose model lives in policy/) is returned as its policy/ folder;
+    - otherwise `name` must be a hub id already in the local cache, or, with the hub allowed
+      (HF_HUB_OFFLINE unset), one the hub confirms within 10 s. Anything else is a
+      FileNotFoundError that names the flag and says what was tried.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        if kind == "model" and path.is_dir() and not (path / "config.json").exists():
+            if (path / "policy" / "config.json").exists():
+                print(f"{flag} {name}: a training checkpoint; using its model {path / 'policy'}",
+                      flush=True)
+                return str(path / "policy")
+            raise FileNotFoundError(f"{flag} {name}: a folder without config.json, so not a model "
+                                    f"(a checkpoint's model is in checkpoint-N/policy)")
+        return name
+    import huggingface_hub
+
+    where = f"{flag} {name!r} is not found locally"
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{where} (and it is not a hub id of the form owner/name)")
+    repo_type = "model" if kind == "model" else "dataset"
+    try:  # in the local hub cache: fine offline
+        huggingface_hub.snapshot_download(name, repo_type=repo_type, local_files_only=True)
+        return name
+    except Exception:  # not cached (LocalEntryNotFoundError and friends)
+        pass
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{where} nor in the hub cache, and HF_HUB_OFFLINE=1 forbids the "
+                                f"hub: check the path, or download {name} first")
+    api = huggingface_hub.HfApi()
+    try:
+        (api.model_info if kind == "model" else api.dataset_info)(name, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise FileNotFoundError(f"{where}, and the hub has no {kind} of that name") from None
+    except huggingface_hub.errors.HfHubHTTPError:
+        return name  # exists but gated or private: the loader reports its own error
+    except Exception as e:  # connection refused, DNS, timeout
+        raise FileNotFoundError(f"{where}, and the hub is unreachable ({type(e).__name__}): check "
+                                f"the path; set HF_HUB_OFFLINE=1 to skip the hub for cached ids") from None
+    return name

@@ -282,7 +282,13 @@ class Args:
     save_every: int = 50
     """checkpoint every N steps (and at the end); 0 = only at the end"""
     resume: bool = False
-    """continue from the newest checkpoint in output_dir"""
+    """continue from the newest checkpoint in output_dir (logs past its step are dropped)"""
+    overwrite: bool = False
+    """start afresh in an output_dir that holds a run, deleting its checkpoints and logs (without
+    it, and without --resume, such a folder is refused)"""
+    resume_with_changes: bool = False
+    """--resume even where settings that change the run's maths (lr, G, batch, rewards, model...)
+    differ from the checkpoint's (otherwise the differences are listed and the run stops)"""
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     """metrics sink besides stdout and metrics.jsonl (wandb is opt-in)"""
 
@@ -1145,10 +1151,12 @@ def configure_deepspeed(accelerator, args: Args) -> None:
     plugin.deepspeed_config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
 
 
-def save_checkpoint(accelerator, model, processor, out: Path, step: int, data_state: dict) -> Path:
-    """checkpoint-<step>/ = policy/ (HF format, loadable by vLLM and evaluate.py) + accelerate
-    state (optimizer, scheduler, RNG per rank) + state.json. Written to a temp folder, then
-    renamed, so a kill never leaves a half-written checkpoint that --resume would pick."""
+def save_checkpoint(accelerator, model, processor, out: Path, step: int, args: Args, data_state: dict) -> Path:
+    """checkpoint-<step>/ = policy/ (HF format, loadable by vLLM and evaluate.py; its
+    train_settings.json holds the prompt and pixel bounds the policy was trained with) +
+    accelerate state (optimizer, scheduler, RNG per rank) + state.json (step, data position, every
+    setting). Written to a temp folder, then renamed, so a kill never leaves a half-written
+    checkpoint that --resume would pick."""
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
@@ -1165,7 +1173,9 @@ def save_checkpoint(accelerator, model, processor, out: Path, step: int, data_st
         else:
             unwrapped.save_pretrained(tmp / "policy", state_dict=state_dict, safe_serialization=True)
         processor.save_pretrained(tmp / "policy")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **data_state}, indent=2))
+        (tmp / "policy" / data.TRAIN_SETTINGS).write_text(json.dumps(data.train_settings(args), indent=2))
+        state = {"step": step, **data_state, "args": dataclasses.asdict(args)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -1174,14 +1184,85 @@ def save_checkpoint(accelerator, model, processor, out: Path, step: int, data_st
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = sorted(out.glob("checkpoint-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
     return ckpts[-1] if ckpts else None
+
+
+# Settings that change no number of a run: a --resume may change them freely. Every other field
+# of Args (and of the judge's, less its connection settings) is compared with the checkpoint's.
+RESUME_FREE = {"max_steps", "epochs", "micro_batch_size", "vision_once", "gradient_checkpointing",
+               "skip_bad_rows", "val_dataset", "val_split", "val_every", "val_before_train", "val_limit",
+               "gpu_memory_utilization", "tensor_parallel_size", "vllm_sleep", "enforce_eager", "output_dir",
+               "log_every", "sample_every", "save_every", "resume", "overwrite", "resume_with_changes",
+               "report_to"}
+JUDGE_RESUME_FREE = {"base_urls", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_base_s",
+                     "backoff_max_s", "min_usable_fraction", "max_failure_rate", "failure_window",
+                     "guard_min_responses", "health_check", "vllm_gpu_memory_utilization", "vllm_enforce_eager"}
+RUN_FILES = ("metrics.jsonl", "val", "tensorboard", "rewards.png")  # what a run writes besides checkpoints
+
+
+def changed_settings(saved: dict, args: Args) -> list[str]:
+    """'name: saved -> now' for every setting outside RESUME_FREE that differs from a checkpoint's."""
+    now = json.loads(json.dumps(dataclasses.asdict(args), default=str))  # tuples -> lists, as saved
+    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items()
+             if k not in RESUME_FREE and k != "judge" and saved.get(k) != v]
+    judge_saved = saved.get("judge", {})
+    diffs += [f"judge.{k}: {judge_saved.get(k)!r} -> {v!r}" for k, v in now["judge"].items()
+              if k not in JUDGE_RESUME_FREE and judge_saved.get(k) != v]
+    return diffs
+
+
+def claim_output_dir(accelerator, args: Args) -> tuple[object, Path | None]:
+    """One run per output folder, and every log holding each step once. Returns (the folder's
+    lock, held by the main process only; the checkpoint to resume from or None).
+
+    1. the main process locks the folder (data.lock_folder): a second live run stops here;
+    2. without --resume, a folder that holds a run (checkpoints or logs) is refused, unless
+       --overwrite, which deletes that run's checkpoints and logs;
+    3. with --resume, the newest checkpoint; settings that change the maths are compared with
+       its own (stop unless --resume_with_changes); the logs are cut back to its step: rows of
+       metrics.jsonl and val/step-N.jsonl files past it (the killed run's extra steps) are
+       dropped, so that the resumed run logs each step once, in order. TensorBoard's events are
+       purged when the Logger opens (purge_step). No checkpoint: a fresh start, logs cleared.
+    """
+    out = Path(args.output_dir)
+    ckpt = latest_checkpoint(out) if args.resume else None
+
+    def check_and_trim():
+        lock = data.lock_folder(out)
+        held = [p.name for p in sorted(out.glob("checkpoint-[0-9]*"))] + [f for f in RUN_FILES if (out / f).exists()]
+        if not args.resume and held and not args.overwrite:
+            raise FileExistsError(f"{out} holds a run ({', '.join(held)}): pass --resume to continue it, "
+                                  f"--overwrite to delete it and start afresh, or choose another --output_dir")
+        if ckpt is None:  # a fresh start: nothing of an earlier run may stay
+            if args.resume:
+                print(f"--resume: no checkpoint in {out}, starting fresh", flush=True)
+            for p in [*out.glob("checkpoint-[0-9]*"), *out.glob(".checkpoint-*.tmp"), *(out / f for f in RUN_FILES)]:
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            return lock
+        state = json.loads((ckpt / "state.json").read_text())
+        diffs = changed_settings(state["args"], args) if "args" in state else []
+        if diffs and not args.resume_with_changes:
+            raise ValueError(f"--resume: these settings differ from {ckpt}'s and change the run's maths:\n  "
+                             + "\n  ".join(diffs) + "\nrestore them, or pass --resume_with_changes to go on")
+        step = state["step"]
+        rows = data.read_jsonl(out / "metrics.jsonl")
+        data.write_jsonl(out / "metrics.jsonl", [r for r in rows if r["step"] <= step])
+        for f in (out / "val").glob("step-*.jsonl"):
+            if int(f.stem.split("-")[1]) > step:
+                f.unlink()
+        return lock
+
+    lock = run_together(accelerator, check_and_trim) if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        run_together(accelerator, lambda: None)  # learns whether the main process refused
+    return lock, ckpt
 
 
 class Logger:
     """stdout + metrics.jsonl (+ TensorBoard or wandb), main process only."""
 
-    def __init__(self, args: Args, accelerator, run_config: dict):
+    def __init__(self, args: Args, accelerator, run_config: dict, start_step: int = 0):
         self.main = accelerator.is_main_process
         self.tb = self.wandb = None
         if not self.main:
@@ -1192,7 +1273,8 @@ class Logger:
         if args.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            # purge_step: events past a resumed checkpoint's step (a killed run's) are dropped
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
             self.tb.add_text("config", "```\n" + json.dumps(run_config, indent=2, default=str) + "\n```")
         elif args.report_to == "wandb":
             import wandb
@@ -1471,10 +1553,9 @@ def load_data(accelerator, args: Args) -> tuple[list[dict], list[dict]]:
     return rows, val_rows
 
 
-def resume_step(accelerator, out: Path) -> int:
-    """Load the newest checkpoint's accelerate state (weights, optimizer, scheduler, RNG per rank);
-    return its step, 0 when there is none."""
-    ckpt = latest_checkpoint(out)
+def resume_step(accelerator, ckpt: Path | None) -> int:
+    """Load a checkpoint's accelerate state (weights, optimizer, scheduler, RNG per rank); return
+    its step, 0 when there is none."""
     if ckpt is None:
         return 0
     accelerator.load_state(str(ckpt / "accelerate"))
@@ -1518,6 +1599,8 @@ def main(args: Args) -> None:
     accelerator = Accelerator(step_scheduler_with_optimizer=False)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed + rank)  # PLUMBING: per-rank seed offset
+    lock, checkpoint = claim_output_dir(accelerator, args)  # PLUMBING: one run per folder
+    args.model = run_together(accelerator, data.check_source, args.model)  # a typo fails in seconds
     rows, val_rows = load_data(accelerator, args)
     steps_per_epoch, total_steps = check_sizes(args, len(rows), world)
     local_B, G = args.prompts_per_step // world, args.group_size
@@ -1528,12 +1611,12 @@ def main(args: Args) -> None:
     tokenizer, banned_ids = processor.tokenizer, vision_token_ids(processor.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = Path(args.output_dir)
-    start_step = resume_step(accelerator, out) if args.resume else 0
+    start_step = resume_step(accelerator, checkpoint)
     llm = build_vllm(args, rank, world, max_images=max(len(r["images"]) for r in rows + val_rows))
     if start_step > 0:
         sync_weights_to_vllm(accelerator, model, llm, changed_only=False)  # PLUMBING: it loaded the base model
     pool = ThreadPoolExecutor(max_workers=1)  # the judge's thread
-    logger = Logger(args, accelerator, run_config(args))
+    logger = Logger(args, accelerator, run_config(args), start_step)
     run_val = lambda s: validate(llm, judge, pool, processor, val_rows, args, accelerator, s, banned_ids)  # noqa: E731
     if val_rows and args.val_before_train and start_step == 0:
         logger.log(0, run_val(0))
@@ -1596,7 +1679,7 @@ def main(args: Args) -> None:
 
         # 8) checkpoint
         if done or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(accelerator, model, processor, out, step + 1,
+            save_checkpoint(accelerator, model, processor, out, step + 1, args,
                             {"epoch": (step + 1) // steps_per_epoch, "rows": len(rows)})
 
     pool.shutdown()
