@@ -1303,10 +1303,11 @@ class Logger:
         if not self.main:
             return
         self.jsonl.close()
-        rows = [r for r in data.read_jsonl(out / "metrics.jsonl") if "reward/total" in r]
+        logged = data.read_jsonl(out / "metrics.jsonl")
+        rows = [r for r in logged if "reward/total" in r]  # training steps (not step-0 validation)
         if not rows:
             return
-        plot_metrics(rows, out / "rewards.png")
+        plot_metrics(logged, out / "rewards.png")  # validation from step 0 on
         first, last = rows[:5], rows[-5:]
         mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         step_s = sorted(r["perf/step_s"] for r in rows)[len(rows) // 2]
@@ -1330,8 +1331,9 @@ class Logger:
         print(f"--- samples at step {step}\n{table}", flush=True)
 
 
-def plot_metrics(rows: list[dict], path: Path) -> None:
-    """One panel per logged reward term (reward/*) and one for the validation metrics (val/*), over steps."""
+def plot_metrics(rows: list[dict], path: Path):
+    """One panel per logged reward term (reward/*) and validation metric (val/*, from step 0 on)
+    over steps; returns the matplotlib Figure it saved."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
     keys = sorted({k for r in rows for k in r if k.startswith(("reward/", "val/")) and k != "val/n"})
@@ -1344,6 +1346,7 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("step", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def run_config(args: Args) -> dict:

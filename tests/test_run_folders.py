@@ -173,3 +173,17 @@ def test_lock_folder_refuses_a_second_holder_and_a_killed_one_leaves_no_stale_lo
     fh = data.lock_folder(tmp_path)  # the OS dropped the killed process's lock
     assert f"pid {os.getpid()}:" in (tmp_path / ".lock").read_text()
     fh.close()
+
+
+def test_the_end_of_run_plot_shows_validation_from_step_0(tmp_path):
+    import train_grpo as T
+
+    rows = [{"step": 0, "val/accuracy": 0.1, "val/n": 4.0},
+            {"step": 1, "reward/total": 0.2, "val/accuracy": 0.3},
+            {"step": 2, "reward/total": 0.4, "val/accuracy": 0.5}]
+    fig = T.plot_metrics(rows, tmp_path / "rewards.png")
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert sorted(panels) == ["reward/total", "val/accuracy"]  # val/n is a count, not plotted
+    assert list(panels["val/accuracy"].lines[0].get_xdata()) == [0, 1, 2]
+    assert list(panels["reward/total"].lines[0].get_xdata()) == [1, 2]
+    assert (tmp_path / "rewards.png").stat().st_size > 1000
